@@ -1,0 +1,80 @@
+"""Decode steps replayed from CUDA graphs, so that Python and kernel-launch overhead vanish at small batch.
+
+One graph per (batch bucket, context-length bucket), captured lazily on first use over static buffers.
+Rows past the real batch point at a scratch KV slot that no sequence owns.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import torch
+
+from expertyard.layers.attention_metadata import AttentionMetadata
+from expertyard.models.base import CausalLM
+
+# B = sequences in the decode step, V = vocabulary
+
+
+def _buckets(limit: int, first: list[int]) -> list[int]:
+    out = [b for b in first if b < limit]
+    while not out or out[-1] < limit:
+        out.append(min(limit, (out[-1] * 2) if out else 1))
+    return out
+
+
+class DecodeGraphs:
+    def __init__(self, model: CausalLM, kv_cache: list[list[torch.Tensor]], max_batch: int, max_len: int,
+                 scratch_slot: int):
+        self.model, self.kv_cache, self.scratch_slot = model, kv_cache, scratch_slot
+        self.batch_buckets = _buckets(max_batch, [1, 2, 4, 8, 16, 24, 32, 48, 64])
+        self.len_buckets = _buckets(max_len, [256])
+        self.pool = None
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor]] = {}
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+            context_lens: torch.Tensor, max_context: int) -> torch.Tensor:
+        """Inputs [B] on the device -> logits [B, V] (a view of the graph's static output)."""
+        b = input_ids.shape[0]
+        bb = self.batch_buckets[bisect.bisect_left(self.batch_buckets, b)]
+        lb = self.len_buckets[bisect.bisect_left(self.len_buckets, max_context)]
+        if (bb, lb) not in self.graphs:
+            self.graphs[(bb, lb)] = self._capture(bb, lb)
+        graph, bufs, logits = self.graphs[(bb, lb)]
+        bufs["input_ids"][:b].copy_(input_ids)
+        bufs["positions"][:b].copy_(positions)
+        bufs["slots"][:b].copy_(slots)
+        bufs["context_lens"][:b].copy_(context_lens)
+        if b < bb:
+            bufs["slots"][b:].fill_(self.scratch_slot)
+            bufs["positions"][b:].zero_()
+            bufs["context_lens"][b:].fill_(1)
+        graph.replay()
+        return logits[:b]
+
+    def _capture(self, bb: int, lb: int):
+        device = self.kv_cache[0][0].device
+        bufs = {
+            "input_ids": torch.zeros(bb, dtype=torch.long, device=device),
+            "positions": torch.zeros(bb, dtype=torch.long, device=device),
+            "slots": torch.full((bb,), self.scratch_slot, dtype=torch.long, device=device),
+            "context_lens": torch.ones(bb, dtype=torch.long, device=device),
+        }
+        meta = AttentionMetadata(token_slots=bufs["slots"], positions=bufs["positions"], prefills=[],
+                                 num_prefill_tokens=0, decode_slots=bufs["slots"],
+                                 decode_context_lens=bufs["context_lens"], decode_max_len=lb)
+
+        def step():
+            return self.model.compute_logits(self.model(bufs["input_ids"], meta, self.kv_cache))
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up: kernel autotuning and lazy init must not happen during capture
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = step()
+        self.pool = graph.pool()
+        return graph, bufs, logits

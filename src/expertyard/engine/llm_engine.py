@@ -1,0 +1,177 @@
+"""The step loop: scheduler.schedule() -> model_runner.run() -> sample -> postprocess."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from expertyard.engine.model_runner import ModelRunner
+from expertyard.engine.sampler import sample, top_logprobs
+from expertyard.engine.sampling_params import SamplingParams
+from expertyard.engine.scheduler import Scheduler
+from expertyard.engine.sequence import Sequence
+from expertyard.errors import ConfigError, RequestError
+from expertyard.loader.load import LoadedModel
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 8
+    """Sequences decoded together (KV cache rows)."""
+    max_model_len: int | None = None
+    """Longest prompt + output; default: the model's max_position_embeddings, capped at 4096."""
+    max_num_batched_tokens: int = 2048
+    """Tokens one step may compute; longer prompts are prefilled in chunks."""
+    cuda_graphs: bool | None = None
+    """Replay decode steps from CUDA graphs; default: on for CUDA devices."""
+
+    def __post_init__(self):
+        if self.max_num_seqs < 1:
+            raise ConfigError(f"max_num_seqs={self.max_num_seqs} must be >= 1")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError(f"max_model_len={self.max_model_len} must be >= 2")
+        if self.max_num_batched_tokens < 1:
+            raise ConfigError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= 1")
+
+
+class LLMEngine:
+    def __init__(self, loaded: LoadedModel, tokenizer, config: EngineConfig | None = None,
+                 eos_token_ids: set[int] | None = None):
+        self.config = config or EngineConfig()
+        self.model, self.model_config, self.tokenizer = loaded.model, loaded.config, tokenizer
+        param = next(self.model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        limit = self.model_config.max_position_embeddings
+        self.max_model_len = min(self.config.max_model_len or min(limit, 4096), limit)
+        cuda_graphs = self.config.cuda_graphs if self.config.cuda_graphs is not None else self.device.type == "cuda"
+        self.scheduler = Scheduler(self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.config.max_num_seqs, self.max_model_len, self.device,
+                                  self.dtype, cuda_graphs)
+        self.eos_token_ids = eos_token_ids if eos_token_ids is not None else _eos_ids(loaded.path, tokenizer)
+        self.generators: dict[int, torch.Generator] = {}
+
+    # ---- requests -------------------------------------------------------------------------------------
+    def encode(self, prompt: str | list[int] | list[dict]) -> list[int]:
+        """A string, token ids, or chat messages ([{"role": ..., "content": ...}]) -> prompt token ids."""
+        if isinstance(prompt, str):
+            return self.tokenizer(prompt).input_ids
+        if prompt and isinstance(prompt[0], dict):
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise RequestError("this model's tokenizer has no chat template; send a plain prompt")
+            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+            return self.tokenizer(text, add_special_tokens=False).input_ids
+        return list(prompt)
+
+    def add_request(self, prompt: str | list[int] | list[dict], params: SamplingParams | None = None) -> Sequence:
+        params = params or SamplingParams()
+        ids = self.encode(prompt)
+        if not ids:
+            raise RequestError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(f"the prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}, "
+                               "which must leave room for at least one generated token")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise RequestError(f"prompt token ids must be in 0..{vocab - 1}")
+        seq = Sequence(prompt_token_ids=ids, params=params)
+        if params.seed is not None:
+            self.generators[seq.seq_id] = torch.Generator(self.device).manual_seed(params.seed)
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, seq: Sequence) -> None:
+        if not seq.finished:
+            self.scheduler.finish(seq, "abort")
+            self.generators.pop(seq.seq_id, None)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the loop -------------------------------------------------------------------------------------
+    def step(self) -> list[Sequence]:
+        """Run one step; returns the sequences that got a token (finished ones have finish_reason set)."""
+        step = self.scheduler.schedule()
+        if not step.spans:
+            return []
+        logits = self.runner.run(step)  # [N, V]
+        sampling = [s for s in step.spans if s.samples]
+        params = [s.seq.params for s in sampling]
+        tokens = sample(logits, params, [self.generators.get(s.seq.seq_id) for s in sampling])
+        want_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+        if want_logprobs is not None:
+            chosen, top_v, top_i = (t.tolist() for t in top_logprobs(logits, tokens, want_logprobs))
+        tokens = tokens.tolist()  # the one host sync of a step
+        for span in step.spans:
+            span.seq.num_computed += span.length
+        for row, span in enumerate(sampling):
+            seq = span.seq
+            seq.token_ids.append(tokens[row])
+            if seq.params.logprobs is not None:
+                n = seq.params.logprobs
+                seq.logprobs.append({"token": tokens[row], "logprob": chosen[row],
+                                     "top": list(zip(top_i[row][:n], top_v[row][:n]))})
+            self._check_finished(seq)
+        return [s.seq for s in sampling]
+
+    def _check_finished(self, seq: Sequence) -> None:
+        p, token = seq.params, seq.token_ids[-1]
+        out = seq.output_token_ids
+        reason = None
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            reason = "stop"
+            out = out[:-1]
+        seq.text = self.tokenizer.decode(out, skip_special_tokens=True) if self.tokenizer is not None else ""
+        for s in p.stop:
+            if (i := seq.text.find(s)) >= 0:
+                seq.text, reason = seq.text[:i], "stop"
+        if reason is None and (len(seq.output_token_ids) >= p.max_tokens or len(seq.token_ids) >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            self.generators.pop(seq.seq_id, None)
+
+    def generate(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None,
+                 progress=None) -> list[Sequence]:
+        """Run prompts to completion, batched; results in prompt order."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        seqs = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        while self.has_unfinished():
+            self.step()
+            if progress is not None:
+                progress(seqs)
+        return seqs
+
+    @torch.inference_mode()
+    def score(self, token_ids: list[int]) -> torch.Tensor:
+        """Log-probability of each token given the ones before it: [len - 1] float32 (eval, echo)."""
+        from expertyard.engine.scheduler import ScheduledSpan, ScheduledStep
+
+        if len(token_ids) > self.max_model_len:
+            raise RequestError(f"{len(token_ids)} tokens exceed max_model_len={self.max_model_len}")
+        seq = Sequence(prompt_token_ids=list(token_ids), params=SamplingParams())
+        seq.slot = self.scheduler.free_slots[-1] if self.scheduler.free_slots else None
+        if seq.slot is None:
+            raise RuntimeError("score() needs a free KV slot; call it while the engine is idle")
+        logp = []
+        for start in range(0, len(token_ids), self.config.max_num_batched_tokens):
+            n = min(self.config.max_num_batched_tokens, len(token_ids) - start)
+            logits = self.runner.run(ScheduledStep(prefills=[ScheduledSpan(seq, start, n)], decodes=[]),
+                                     all_logits=True)
+            logp.append(logits.log_softmax(dim=-1))
+        logp = torch.cat(logp)[:-1]  # [len - 1, V]
+        targets = torch.tensor(token_ids[1:], device=logp.device)
+        return logp.gather(1, targets[:, None]).squeeze(1).float().cpu()
+
+
+def _eos_ids(model_dir: Path | None, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    if model_dir is not None and (model_dir / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+        ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

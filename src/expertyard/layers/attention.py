@@ -1,0 +1,88 @@
+"""Grouped-query attention with a slot-indexed KV cache (Mixtral, Qwen2/3-MoE, OLMoE)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from expertyard.config import AttentionConfig
+from expertyard.layers.attention_metadata import AttentionMetadata, sliding_mask
+from expertyard.layers.norm import RMSNorm
+from expertyard.layers.rotary import RotaryEmbedding
+
+# T = tokens in the step, H = query heads, G = KV heads, Dh = head dim, S = cache slots, L = cache length
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: AttentionConfig, hidden_size: int, eps: float):
+        super().__init__()
+        self.cfg = cfg
+        h, g, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(hidden_size, h * dh, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(hidden_size, g * dh, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(hidden_size, g * dh, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(h * dh, hidden_size, bias=cfg.o_bias)
+        if cfg.qk_norm == "per_head":
+            self.q_norm, self.k_norm = RMSNorm(dh, eps), RMSNorm(dh, eps)
+        elif cfg.qk_norm == "full":
+            self.q_norm, self.k_norm = RMSNorm(h * dh, eps), RMSNorm(g * dh, eps)
+
+    def kv_cache_shapes(self) -> list[tuple[int, ...]]:
+        """Per-token feature shapes of this layer's cache tensors (K and V)."""
+        return [(self.cfg.num_kv_heads, self.cfg.head_dim)] * 2
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata, cache: list[torch.Tensor],
+                rope: RotaryEmbedding, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        t = x.shape[0]
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [T, H*Dh], [T, G*Dh], [T, G*Dh]
+        if cfg.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cfg.clip_qkv is not None:
+            q, k, v = (z.clamp(-cfg.clip_qkv, cfg.clip_qkv) for z in (q, k, v))
+        q = q.view(t, cfg.num_heads, cfg.head_dim)  # [T, H, Dh]
+        k = k.view(t, cfg.num_kv_heads, cfg.head_dim)  # [T, G, Dh]
+        v = v.view(t, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm == "per_head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
+
+        k_cache, v_cache = cache  # [S, L, G, Dh] each
+        k_cache[meta.token_slots, meta.positions] = k
+        v_cache[meta.token_slots, meta.positions] = v
+        out = attend(q, k_cache, v_cache, meta, cfg.softmax_scale, cfg.sliding_window)  # [T, H, Dv]
+        return self.o_proj(out.reshape(t, -1))
+
+
+def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+           scale: float, window: int | None) -> torch.Tensor:
+    """Attention of the step's queries q [T, H, Dk] over the cache; k_cache [S, L, G, Dk],
+    v_cache [S, L, G, Dv]. Shared by GQA and (absorbed) MLA. Returns [T, H, Dv]."""
+    out = q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])
+    for span in meta.prefills:  # one sequence at a time: exact, no padding
+        end = span.start + span.length
+        qs = q[span.offset:span.offset + span.length].transpose(0, 1)  # [H, n, Dk]
+        ks = k_cache[span.slot, :end].transpose(0, 1)  # [G, end, Dk]
+        vs = v_cache[span.slot, :end].transpose(0, 1)
+        if span.start == 0 and window is None:
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            q_pos = torch.arange(span.start, end, device=q.device)
+            mask = sliding_mask(q_pos, torch.arange(end, device=q.device), window)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[span.offset:span.offset + span.length] = o.transpose(0, 1)
+    if meta.num_decode_tokens:
+        n0, lmax = meta.num_prefill_tokens, meta.decode_max_len
+        qd = q[n0:].unsqueeze(2)  # [B, H, 1, Dk]
+        kd = k_cache[meta.decode_slots, :lmax].transpose(1, 2)  # [B, G, Lmax, Dk]
+        vd = v_cache[meta.decode_slots, :lmax].transpose(1, 2)  # [B, G, Lmax, Dv]
+        k_pos = torch.arange(lmax, device=q.device)
+        lens = meta.decode_context_lens[:, None]  # [B, 1]
+        mask = k_pos[None, :] < lens  # [B, Lmax]
+        if window is not None:
+            mask &= k_pos[None, :] >= lens - window
+        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask[:, None, None, :], scale=scale,
+                                           enable_gqa=True)  # [B, H, 1, Dv]
+        out[n0:] = o.squeeze(2)
+    return out

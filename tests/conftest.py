@@ -1,0 +1,78 @@
+"""Tiny random models of every supported architecture, built and saved by transformers (the reference)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def tiny_hf_config(name: str):
+    import transformers as tf
+
+    common = dict(vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                  num_hidden_layers=3, max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if name == "mixtral":
+        return tf.MixtralConfig(**common, intermediate_size=48, num_local_experts=8, num_experts_per_tok=2)
+    if name == "mixtral_sliding":
+        return tf.MixtralConfig(**common, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
+                                sliding_window=5)
+    if name == "qwen2_moe":
+        return tf.Qwen2MoeConfig(**common, intermediate_size=96, moe_intermediate_size=32, num_experts=8,
+                                 num_experts_per_tok=2, shared_expert_intermediate_size=48, mlp_only_layers=[1])
+    if name == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**common, head_dim=24, intermediate_size=96, moe_intermediate_size=32,
+                                 num_experts=8, num_experts_per_tok=3, norm_topk_prob=True)
+    if name == "olmoe":
+        return tf.OlmoeConfig(**common, intermediate_size=32, num_experts=8, num_experts_per_tok=2, clip_qkv=4.0)
+    if name == "deepseek_v2":  # V2-Lite style: no q LoRA, greedy routing, dense first layer
+        return tf.DeepseekV2Config(**{**common, "num_key_value_heads": 4}, intermediate_size=96,
+                                   moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+                                   n_shared_experts=2, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=None,
+                                   qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, routed_scaling_factor=1.0)
+    if name == "deepseek_v2_full":  # V2 style: q LoRA, group-limited routing, scaled weights, YaRN rope
+        return tf.DeepseekV2Config(**{**common, "num_key_value_heads": 4}, intermediate_size=96,
+                                   moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+                                   n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=24,
+                                   qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, routed_scaling_factor=2.0,
+                                   topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                                   rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                    "original_max_position_embeddings": 64, "beta_fast": 32,
+                                                    "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707})
+    raise KeyError(name)
+
+
+ARCH_CASES = ["mixtral", "mixtral_sliding", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v2_full"]
+
+
+def build_hf_model(name: str):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tiny_hf_config(name)
+    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():  # larger than init_std so that routing and attention are far from uniform
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.15)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """name -> (directory saved by transformers, the transformers model)."""
+    cache: dict[str, tuple[Path, object]] = {}
+
+    def get(name: str):
+        if name not in cache:
+            path = tmp_path_factory.mktemp(name)
+            model = build_hf_model(name)
+            model.save_pretrained(path)
+            cache[name] = (path, model)
+        return cache[name]
+
+    return get
