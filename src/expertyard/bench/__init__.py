@@ -1,0 +1,1 @@
+"""Benchmark helpers shared by `expertyard bench` and the scripts under benchmarks/."""

@@ -1,0 +1,117 @@
+"""`expertyard bench`: prefill and decode throughput, achieved memory bandwidth, and transformers side by side."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from expertyard.bench.hardware import measure_copy_bandwidth
+from expertyard.bench.transformers_baseline import TransformersBaseline
+from expertyard.bench.weights import active_bytes_per_token
+from expertyard.engine.llm_engine import EngineConfig, LLMEngine
+from expertyard.engine.sampling_params import SamplingParams
+from expertyard.entrypoints.common import add_model_args, load_from_args, resolve_device
+from expertyard.errors import ConfigError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="throughput benchmark (prefill, decode, batched), optionally vs transformers",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(p, synthetic=True)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--batch-sizes", default="1,32", help="comma-separated")
+    p.add_argument("--compare", choices=["transformers"], default=None,
+                   help="also run transformers' generate on the same weights, in the same process")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON result here")
+    p.set_defaults(func=run)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_engine(engine: LLMEngine, prompts: list[list[int]], decode_tokens: int) -> dict:
+    """One batch: time of the prefill step, then of the decode steps. Greedy, EOS ignored."""
+    params = SamplingParams(temperature=0, max_tokens=decode_tokens, ignore_eos=True)
+    seqs = [engine.add_request(p, params) for p in prompts]
+    _sync(engine.device)
+    t0 = time.perf_counter()
+    engine.step()  # all prompts fit in one step's token budget
+    _sync(engine.device)
+    t1 = time.perf_counter()
+    while engine.has_unfinished():
+        engine.step()
+    _sync(engine.device)
+    t2 = time.perf_counter()
+    assert all(len(s.output_token_ids) == decode_tokens for s in seqs)
+    b, n = len(prompts), len(prompts[0])
+    return {"prefill_tokens_per_s": b * n / (t1 - t0), "decode_tokens_per_s": b * (decode_tokens - 1) / (t2 - t1),
+            "decode_ms_per_step": 1e3 * (t2 - t1) / (decode_tokens - 1)}
+
+
+def run(args) -> int:
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    if min(batch_sizes) < 1 or args.prompt_len < 1 or args.decode_tokens < 2:
+        raise ConfigError("--batch-sizes, --prompt-len must be >= 1 and --decode-tokens >= 2")
+    device, dtype = resolve_device(args)
+    loaded, _ = load_from_args(args, device, dtype)
+    max_len = args.prompt_len + args.decode_tokens + 1
+    engine = LLMEngine(loaded, None, EngineConfig(
+        max_num_seqs=max(batch_sizes), max_model_len=max_len, max_num_batched_tokens=max(batch_sizes) * args.prompt_len,
+        cuda_graphs=False if args.no_cuda_graphs else None), eos_token_ids=set())
+    gen = torch.Generator().manual_seed(args.seed)
+    vocab = loaded.config.vocab_size
+    result = {"model": args.synthetic or str(args.model or "bundled"), "num_layers": loaded.config.num_layers,
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "dtype": str(dtype).removeprefix("torch."), "prompt_len": args.prompt_len,
+              "decode_tokens": args.decode_tokens, "cuda_graphs": engine.runner.graphs is not None,
+              "active_bytes_per_token": active_bytes_per_token(loaded.model), "runs": []}
+    if device.type == "cuda":
+        result["copy_bandwidth"] = measure_copy_bandwidth(device)
+
+    baseline = TransformersBaseline(loaded, device, dtype) if args.compare == "transformers" else None
+    for b in batch_sizes:
+        prompts = torch.randint(0, vocab, (b, args.prompt_len), generator=gen).tolist()
+        bench_engine(engine, prompts, args.decode_tokens)  # warm-up: captures this batch's CUDA graphs
+        row = {"batch": b, "expertyard": bench_engine(engine, prompts, args.decode_tokens)}
+        if baseline is not None:
+            row["transformers"] = baseline.bench(prompts, args.decode_tokens)
+            row["decode_speedup"] = row["expertyard"]["decode_tokens_per_s"] / row["transformers"]["decode_tokens_per_s"]
+            row["prefill_speedup"] = row["expertyard"]["prefill_tokens_per_s"] / row["transformers"]["prefill_tokens_per_s"]
+        result["runs"].append(row)
+    first = result["runs"][0]
+    if first["batch"] == 1:
+        result["batch1_achieved_GBps"] = result["active_bytes_per_token"] * first["expertyard"]["decode_tokens_per_s"] / 1e9
+    if device.type == "cuda":
+        result["peak_memory_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_table(result)
+    return 0
+
+
+def print_table(r: dict) -> None:
+    print(f"{r['model']} ({r['num_layers']} layers, {r['dtype']}) on {r['device']}; prompt {r['prompt_len']}, "
+          f"decode {r['decode_tokens']} tokens; CUDA graphs {'on' if r['cuda_graphs'] else 'off'}")
+    print(f"{'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'ms/step':>8} {'hf decode tok/s':>16} {'speedup':>8}")
+    for row in r["runs"]:
+        e, t = row["expertyard"], row.get("transformers")
+        hf = f"{t['decode_tokens_per_s']:16.1f} {row['decode_speedup']:7.2f}x" if t else ""
+        print(f"{row['batch']:>5} {e['prefill_tokens_per_s']:14.1f} {e['decode_tokens_per_s']:13.1f} "
+              f"{e['decode_ms_per_step']:8.2f} {hf}")
+    if "batch1_achieved_GBps" in r:
+        line = f"batch-1 decode moves {r['active_bytes_per_token'] / 1e9:.3f} GB/token -> {r['batch1_achieved_GBps']:.0f} GB/s"
+        if "copy_bandwidth" in r:
+            line += f" (device copy peak {r['copy_bandwidth']['d2d_GBps']:.0f} GB/s read+write)"
+        print(line)

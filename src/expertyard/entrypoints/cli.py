@@ -1,0 +1,35 @@
+"""The `expertyard` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from expertyard import __version__
+from expertyard.errors import ExpertyardError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from expertyard.entrypoints import bench, evaluate, generate
+
+    parser = argparse.ArgumentParser(prog="expertyard", description="Fast inference for Mixture-of-Experts models")
+    parser.add_argument("--version", action="version", version=f"expertyard {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in (generate, evaluate, bench):
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ExpertyardError as e:
+        print(f"expertyard {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""`expertyard generate`: one prompt in, text out."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from expertyard.engine.sampling_params import SamplingParams
+from expertyard.entrypoints.common import add_model_args, engine_from_args
+from expertyard.errors import ConfigError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a prompt",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    p.add_argument("--system", default=None, help="system message (with --chat)")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    engine = engine_from_args(args)
+    prompt = args.prompt
+    if args.chat:
+        prompt = ([{"role": "system", "content": args.system}] if args.system else []) + \
+                 [{"role": "user", "content": args.prompt}]
+    elif args.system:
+        raise ConfigError("--system needs --chat")
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, stop=args.stop)
+    seq = engine.add_request(prompt, params)
+    printed, start, first = 0, time.perf_counter(), None
+    while not seq.finished:
+        engine.step()
+        first = first or time.perf_counter()
+        if not args.json:  # stream the text as it grows
+            sys.stdout.write(seq.text[printed:])
+            sys.stdout.flush()
+            printed = len(seq.text)
+    elapsed = time.perf_counter() - start
+    n = len(seq.output_token_ids)
+    decode_tps = (n - 1) / (time.perf_counter() - first) if n > 1 and first else 0.0
+    if args.json:
+        print(json.dumps({"prompt": args.prompt, "text": seq.text, "finish_reason": seq.finish_reason,
+                          "prompt_tokens": seq.num_prompt_tokens, "completion_tokens": n,
+                          "seconds": round(elapsed, 4), "decode_tokens_per_s": round(decode_tps, 2)}))
+    else:
+        sys.stdout.write(seq.text[printed:] + "\n")
+        print(f"[{n} tokens, {elapsed:.2f} s, {decode_tps:.1f} tokens/s decode, finish: {seq.finish_reason}]",
+              file=sys.stderr)
+    return 0

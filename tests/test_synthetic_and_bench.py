@@ -1,0 +1,72 @@
+"""Synthetic real-shape models and the transformers baseline of `expertyard bench`."""
+
+import pytest
+import torch
+
+from expertyard.bench.transformers_baseline import transformers_model
+from expertyard.bench.weights import active_bytes_per_token
+from expertyard.engine.llm_engine import EngineConfig, LLMEngine
+from expertyard.engine.sampling_params import SamplingParams
+from expertyard.errors import ConfigError
+from expertyard.loader import load_model
+from expertyard.synthetic import SYNTHETIC_MODELS, build_synthetic, synthetic_hf_config
+
+# published shapes: (hidden, layers, routed experts, top-k, expert intermediate)
+SHAPES = {
+    "mixtral-8x7b": (4096, 32, 8, 2, 14336),
+    "qwen3-30b-a3b": (2048, 48, 128, 8, 768),
+    "deepseek-v2-lite": (2048, 27, 64, 6, 1408),
+    "olmoe-1b-7b": (2048, 16, 64, 8, 1024),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SYNTHETIC_MODELS))
+def test_synthetic_configs_have_the_real_shapes(name):
+    from expertyard.loader.load import model_config_from_hf
+
+    cfg = model_config_from_hf(synthetic_hf_config(name))
+    assert (cfg.hidden_size, cfg.num_layers, cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.intermediate_size) == SHAPES[name]
+
+
+def test_mixtral_active_bytes_match_the_published_active_parameter_count():
+    # Mixtral-8x7B: 12.9B active parameters per token (Mistral's figure), embedding table aside
+    hf = synthetic_hf_config("mixtral-8x7b", num_layers=1)
+    from expertyard.loader.load import build_model, model_config_from_hf
+
+    model = build_model(model_config_from_hf(hf), torch.device("meta"), torch.bfloat16)
+    per_layer_expert = 3 * 4096 * 14336 * 2
+    attention = (4096 * 4096 * 2 + 4096 * 1024 * 2) * 2
+    head = 32000 * 4096 * 2
+    expected = 2 * per_layer_expert + attention + head + 4096 * 2 * 3 + 8 * 4096 * 2 + 4096 * 2
+    assert active_bytes_per_token(model) == expected
+
+
+def test_synthetic_num_layers_is_validated():
+    with pytest.raises(ConfigError, match="num-layers"):
+        synthetic_hf_config("olmoe-1b-7b", num_layers=99)
+    with pytest.raises(ConfigError, match="unknown synthetic model"):
+        synthetic_hf_config("gpt-5")
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "deepseek_v2"])
+def test_transformers_baseline_shares_our_weights_and_matches_our_logits(arch, tiny_checkpoint):
+    path, _ = tiny_checkpoint(arch)
+    loaded = load_model(path, "cpu", torch.float32, progress=False)
+    hf = transformers_model(loaded, torch.device("cpu"), torch.float32)
+    assert hf.model.layers[0].self_attn.o_proj.weight.data_ptr() == \
+        loaded.model.layers[0].self_attn.o_proj.weight.data_ptr()
+    ids = [5, 9, 33, 2, 71, 4]
+    engine = LLMEngine(loaded, None, EngineConfig(max_num_seqs=1, max_model_len=32, cuda_graphs=False), set())
+    ours = engine.score(ids)
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+    torch.testing.assert_close(ours, ref.gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1), atol=1e-4, rtol=1e-4)
+
+
+def test_small_synthetic_model_generates_deterministically():
+    loaded = build_synthetic("olmoe-1b-7b", num_layers=1, device="cpu", dtype=torch.float32, seed=3)
+    engine = LLMEngine(loaded, None, EngineConfig(max_num_seqs=2, max_model_len=16, cuda_graphs=False), set())
+    a = engine.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3))[0].output_token_ids
+    loaded2 = build_synthetic("olmoe-1b-7b", num_layers=1, device="cpu", dtype=torch.float32, seed=3)
+    engine2 = LLMEngine(loaded2, None, EngineConfig(max_num_seqs=2, max_model_len=16, cuda_graphs=False), set())
+    assert engine2.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3))[0].output_token_ids == a
