@@ -22,8 +22,9 @@ def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
         drop = (top_k[:, None] > 0) & (rank >= top_k[:, None])
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         probs = sorted_logits.softmax(dim=-1)
-        # drop a token when the tokens ranked above it already hold top_p of the mass (always keep the first)
-        drop = (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+        # drop a token when the tokens ranked above it already hold top_p of the mass (always keep the first);
+        # top_p 1 keeps everything (the float32 cumsum can round to 1 before the tail of tiny probabilities)
+        drop = ((probs.cumsum(dim=-1) - probs) >= top_p[:, None]) & (top_p[:, None] < 1)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
     return logits

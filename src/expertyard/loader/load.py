@@ -92,6 +92,12 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu", dtype:
                 expected_experts.discard(key)
             elif m := STACKED_EXPERTS.match(name):
                 layer, proj = int(m[1]), m[2]
+                if layer not in cfg.moe_layers:
+                    _unexpected(path, ckpt_name, cfg)
+                    continue
+                if tensor.dim() != 3 or tensor.shape[0] != cfg.moe.num_experts:
+                    raise CheckpointError(f"{path.name}: tensor {ckpt_name!r} has shape {tuple(tensor.shape)}, "
+                                          f"expected [{cfg.moe.num_experts} experts, ...]")
                 _checked(path, ckpt_name, lambda: model.experts.load_stacked_weight(layer, proj, tensor))
                 projs = ("gate", "up") if proj == "gate_up" else ("down",)
                 expected_experts -= {(layer, e, p) for e in range(tensor.shape[0]) for p in projs}
