@@ -40,6 +40,8 @@ def run(args) -> int:
                             top_k=args.top_k, seed=args.seed, stop=args.stop)
     seq = engine.add_request(prompt, params)
     printed, start, first = 0, time.perf_counter(), None
+    if not args.json and not args.chat:
+        sys.stdout.write(args.prompt)  # continue the prompt in place, as a completion
     while not seq.finished:
         engine.step()
         first = first or time.perf_counter()

@@ -92,7 +92,7 @@ def fused_moe_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_i
         gate_up = xe @ w13[e].to(acc).T  # [n, 2I]
         h = F.silu(gate_up[:, :i]) * gate_up[:, i:]  # [n, I]
         ye = (h @ w2[e].to(acc).T) * weights[start:start + n, None]  # [n, D]
-        y.index_add_(0, tok, ye)
+        y.index_put_((tok,), ye, accumulate=True)  # index_add_ is ~400x slower on CPU for small rows
         start += n
     return y.to(x.dtype)
 
