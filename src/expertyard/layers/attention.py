@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from expertyard.config import AttentionConfig
-from expertyard.layers.attention_metadata import AttentionMetadata, sliding_mask
+from expertyard.layers.attention_metadata import AttentionMetadata, PrefillSpan, sliding_mask
 from expertyard.layers.norm import RMSNorm
 from expertyard.layers.rotary import RotaryEmbedding
 
@@ -60,18 +60,10 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: 
     """Attention of the step's queries q [T, H, Dk] over the cache; k_cache [S, L, G, Dk],
     v_cache [S, L, G, Dv]. Shared by GQA and (absorbed) MLA. Returns [T, H, Dv]."""
     out = q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])
-    for span in meta.prefills:  # one sequence at a time: exact, no padding
-        end = span.start + span.length
-        qs = q[span.offset:span.offset + span.length].transpose(0, 1)  # [H, n, Dk]
-        ks = k_cache[span.slot, :end].transpose(0, 1)  # [G, end, Dk]
-        vs = v_cache[span.slot, :end].transpose(0, 1)
-        if span.start == 0 and window is None:
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
-        else:
-            q_pos = torch.arange(span.start, end, device=q.device)
-            mask = sliding_mask(q_pos, torch.arange(end, device=q.device), window)
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[span.offset:span.offset + span.length] = o.transpose(0, 1)
+    if len(meta.prefills) == 1:
+        _prefill_one(q, k_cache, v_cache, meta.prefills[0], scale, window, out)
+    elif meta.prefills:
+        _prefill_padded(q, k_cache, v_cache, meta.prefills, scale, window, out)
     if meta.num_decode_tokens:
         n0, lmax = meta.num_prefill_tokens, meta.decode_max_len
         qd = q[n0:].unsqueeze(2)  # [B, H, 1, Dk]
@@ -86,3 +78,40 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: 
                                            enable_gqa=True)  # [B, H, 1, Dv]
         out[n0:] = o.squeeze(2)
     return out
+
+
+def _prefill_one(q, k_cache, v_cache, span: PrefillSpan, scale: float, window: int | None, out: torch.Tensor) -> None:
+    """One sequence's span: exact, no padding; the causal fast path when it starts at position 0."""
+    end = span.start + span.length
+    qs = q[span.offset:span.offset + span.length].transpose(0, 1)  # [H, n, Dk]
+    ks = k_cache[span.slot, :end].transpose(0, 1)  # [G, end, Dk]
+    vs = v_cache[span.slot, :end].transpose(0, 1)
+    if span.start == 0 and window is None:
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        q_pos = torch.arange(span.start, end, device=q.device)
+        mask = sliding_mask(q_pos, torch.arange(end, device=q.device), window)
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
+    out[span.offset:span.offset + span.length] = o.transpose(0, 1)
+
+
+def _prefill_padded(q, k_cache, v_cache, spans: list[PrefillSpan], scale: float, window: int | None,
+                    out: torch.Tensor) -> None:
+    """Several spans in one attention call, padded to the longest (B = spans, Lq/Lk = longest query/key)."""
+    dev = q.device
+    offsets, starts, lengths, slots = (torch.tensor(v, device=dev) for v in zip(
+        *[(s.offset, s.start, s.length, s.slot) for s in spans]))
+    lq, lk = max(s.length for s in spans), max(s.start + s.length for s in spans)
+    j = torch.arange(lq, device=dev)
+    valid = j[None, :] < lengths[:, None]  # [B, Lq]
+    rows = offsets[:, None] + torch.minimum(j[None, :], lengths[:, None] - 1)  # [B, Lq] token of each query row
+    qb = q[rows].transpose(1, 2)  # [B, H, Lq, Dk]
+    k_pos = torch.arange(lk, device=dev)
+    kb = k_cache[slots[:, None], k_pos[None, :]].transpose(1, 2)  # [B, G, Lk, Dk]
+    vb = v_cache[slots[:, None], k_pos[None, :]].transpose(1, 2)  # [B, G, Lk, Dv]
+    q_pos = starts[:, None] + j[None, :]  # [B, Lq]
+    mask = k_pos[None, None, :] <= q_pos[:, :, None]  # [B, Lq, Lk]: causal (also hides other spans' keys)
+    if window is not None:
+        mask &= k_pos[None, None, :] > q_pos[:, :, None] - window
+    o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask[:, None], scale=scale, enable_gqa=True)
+    out[rows[valid]] = o.transpose(1, 2)[valid]  # [n_valid, H, Dv]
