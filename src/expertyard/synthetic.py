@@ -89,6 +89,11 @@ def init_random_weights(model, seed: int = 0, std: float = 0.02) -> None:
     for tensors in (getattr(experts, "w13", {}), getattr(experts, "w2", {})):
         for t in tensors.values():
             t.normal_(0, std, generator=gen)
+    store = getattr(experts, "store", None)  # offloaded: fill the host copies, one expert at a time
+    if store is not None:
+        buf = torch.empty(store.numel, dtype=store.dtype, device=gen.device)
+        for row in range(store.pool.shape[0]):
+            store.pool[row].copy_(buf.normal_(0, std, generator=gen))
 
 
 def build_synthetic(name: str, num_layers: int | None = None, device: str | torch.device = "cpu",
@@ -97,5 +102,8 @@ def build_synthetic(name: str, num_layers: int | None = None, device: str | torc
     hf_config = synthetic_hf_config(name, num_layers)
     cfg = model_config_from_hf(hf_config)
     model = build_model(cfg, torch.device(device), dtype, backend_factory)
+    if getattr(getattr(model.experts, "store", None), "disk", None):
+        raise ConfigError("a --synthetic model has no checkpoint files to keep experts on disk: "
+                          "drop --host-memory-budget (or give it room for every expert)")
     init_random_weights(model, seed)
     return LoadedModel(model=model, config=cfg, path=None)

@@ -14,7 +14,8 @@ from expertyard.bench.transformers_baseline import TransformersBaseline
 from expertyard.bench.weights import active_bytes_per_token
 from expertyard.engine.llm_engine import EngineConfig, LLMEngine
 from expertyard.engine.sampling_params import SamplingParams
-from expertyard.entrypoints.common import add_model_args, load_from_args, resolve_device
+from expertyard.entrypoints.common import (add_model_args, add_offload_args, engine_from_args, load_from_args,
+                                          resolve_device)
 from expertyard.errors import ConfigError
 
 
@@ -22,6 +23,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="throughput benchmark (prefill, decode, batched), optionally vs transformers",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(p, synthetic=True)
+    add_offload_args(p)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--batch-sizes", default="1,32", help="comma-separated")
@@ -37,7 +39,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_engine(engine: LLMEngine, prompts: list[list[int]], decode_tokens: int) -> dict:
+def bench_engine(engine: LLMEngine, prompts: list[list[int]], decode_tokens: int, after_prefill=None) -> dict:
     """One batch: time of the prefill step, then of the decode steps. Greedy, EOS ignored."""
     params = SamplingParams(temperature=0, max_tokens=decode_tokens, ignore_eos=True)
     seqs = [engine.add_request(p, params) for p in prompts]
@@ -45,6 +47,8 @@ def bench_engine(engine: LLMEngine, prompts: list[list[int]], decode_tokens: int
     t0 = time.perf_counter()
     engine.step()  # all prompts fit in one step's token budget
     _sync(engine.device)
+    if after_prefill is not None:
+        after_prefill()
     t1 = time.perf_counter()
     while engine.has_unfinished():
         engine.step()
@@ -60,6 +64,8 @@ def run(args) -> int:
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     if min(batch_sizes) < 1 or args.prompt_len < 1 or args.decode_tokens < 2:
         raise ConfigError("--batch-sizes, --prompt-len must be >= 1 and --decode-tokens >= 2")
+    if args.offload:
+        return run_offloaded(args, batch_sizes)
     device, dtype = resolve_device(args)
     loaded, _ = load_from_args(args, device, dtype)
     max_len = args.prompt_len + args.decode_tokens + 1
@@ -99,6 +105,77 @@ def run(args) -> int:
     else:
         print_table(result)
     return 0
+
+
+def run_offloaded(args, batch_sizes: list[int]) -> int:
+    """Offloaded decode: tokens/s, cache and transfer statistics, and the physical bound beside them."""
+    from expertyard.bench.offload import belady_misses, resident_decode_ms
+
+    engine = engine_from_args(args, max_num_seqs=max(batch_sizes),
+                              max_model_len=args.prompt_len + args.decode_tokens + 1,
+                              max_num_batched_tokens=max(batch_sizes) * args.prompt_len)
+    backend, cfg, device = engine.model.experts, engine.model_config, engine.device
+    plan = engine.offload_plan
+    result = {"model": args.synthetic or str(args.model or "bundled"), "num_layers": cfg.num_layers,
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "dtype": str(engine.dtype).removeprefix("torch."), "prompt_len": args.prompt_len,
+              "decode_tokens": args.decode_tokens, "policy": args.policy, "predictor": args.predictor,
+              "prefetch_depth": args.prefetch_depth, "routing_trace": str(args.routing_trace or ""),
+              "budget": plan.describe(), "cache_slots": plan.slots, "expert_bytes": plan.expert_bytes,
+              "cache_fraction": plan.slots / plan.total_experts, "runs": []}
+    if device.type == "cuda":
+        result["copy_bandwidth"] = measure_copy_bandwidth(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    gen = torch.Generator().manual_seed(args.seed)
+    for b in batch_sizes:
+        prompts = torch.randint(0, cfg.vocab_size, (b, args.prompt_len), generator=gen).tolist()
+        backend.visits = []  # from the warm-up on, so that the Belady replay starts from the same cache history
+        bench_engine(engine, prompts, min(args.decode_tokens, 4))  # warm-up: Triton compilation
+        marks = {}
+
+        def after_prefill():
+            backend.reset_stats()
+            marks["decode_from"] = len(backend.visits)
+
+        row = {"batch": b, "expertyard": bench_engine(engine, prompts, args.decode_tokens, after_prefill)}
+        tokens = b * (args.decode_tokens - 1)  # decode tokens timed (the prefill step makes the first)
+        row["offload"] = backend.report(tokens)
+        visits, backend.visits = backend.visits, None
+        must = belady_misses(visits, plan.slots, marks["decode_from"]) * plan.expert_bytes / tokens
+        row["belady_bytes_per_token"] = must
+        if device.type == "cuda":
+            row["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+            peak = result["copy_bandwidth"]["h2d_pinned_GBps"] * 1e9
+            resident_ms = resident_decode_ms(engine, prompts, args.decode_tokens, bench_engine)
+            row["resident_ms_per_step"] = resident_ms
+            if resident_ms is not None:
+                bound_ms = 1e3 * must * b / peak + resident_ms
+                row["bound_ms_per_step"] = bound_ms
+                row["vs_bound"] = row["expertyard"]["decode_ms_per_step"] / bound_ms
+            row["achieved_h2d_GBps"] = row["offload"]["bytes_per_token"] * row["expertyard"]["decode_tokens_per_s"] / 1e9
+        result["runs"].append(row)
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_offload_table(result)
+    return 0
+
+
+def print_offload_table(r: dict) -> None:
+    print(f"{r['model']} ({r['num_layers']} layers, {r['dtype']}) on {r['device']}, offloaded: {r['budget']}")
+    print(f"policy {r['policy']}, predictor {r['predictor']} (depth {r['prefetch_depth']})"
+          + (f", routing forced from {r['routing_trace']}" if r["routing_trace"] else ""))
+    print(f"{'batch':>5} {'tok/s':>8} {'ms/step':>8} {'bound ms':>9} {'x bound':>8} {'hit rate':>9} {'MiB/tok':>8} "
+          f"{'Belady MiB/tok':>15} {'stall ms/tok':>13} {'pred P/R':>10}")
+    for row in r["runs"]:
+        e, o = row["expertyard"], row["offload"]
+        bound = f"{row['bound_ms_per_step']:9.2f} {row['vs_bound']:7.2f}x" if row.get("bound_ms_per_step") else " " * 18
+        print(f"{row['batch']:>5} {e['decode_tokens_per_s']:8.2f} {e['decode_ms_per_step']:8.2f} {bound} "
+              f"{100 * o['hit_rate']:8.1f}% {o['bytes_per_token'] / 2**20:8.1f} "
+              f"{row['belady_bytes_per_token'] / 2**20:15.1f} {o['stall_ms_per_token']:13.2f} "
+              f"{100 * o['predictor_precision']:4.0f}/{100 * o['predictor_recall']:.0f}%")
 
 
 def print_table(r: dict) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from importlib import resources
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 
 from expertyard.engine.llm_engine import EngineConfig, LLMEngine
 from expertyard.errors import ConfigError
+from expertyard.experts.resident import ResidentExperts
 from expertyard.loader.load import LoadedModel, load_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -39,6 +41,25 @@ def add_model_args(p: argparse.ArgumentParser, synthetic: bool = False) -> None:
     g.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
 
 
+def add_offload_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("expert offloading")
+    g.add_argument("--offload", action="store_true",
+                   help="keep experts in host memory behind a GPU expert cache (for models bigger than the GPU)")
+    g.add_argument("--gpu-memory-budget", default=None,
+                   help="all device bytes: weights, KV cache, workspace and expert cache, e.g. 24GiB")
+    g.add_argument("--host-memory-budget", default=None,
+                   help="host bytes for expert copies; the rest stay in the safetensors files (disk tier)")
+    g.add_argument("--policy", default="lru", help="expert cache eviction policy: lru, lfu, ...")
+    g.add_argument("--predictor", default="next-gate",
+                   help="pre-gate predictor: none, next-gate, trained, oracle (with --routing-trace)")
+    g.add_argument("--predictor-path", type=Path, default=None, help="trained predictor file (default: beside model)")
+    g.add_argument("--prefetch-depth", type=int, default=1, help="layers predicted ahead (1..3)")
+    g.add_argument("--routing-trace", type=Path, default=None,
+                   help="force the routers' choices from a recorded routing trace (.npz)")
+    g.add_argument("--stats", action="store_true", help="print expert cache and transfer statistics")
+    g.add_argument("--timeline", type=Path, default=None, help="write a Chrome trace of compute and copy spans")
+
+
 def resolve_device(args) -> tuple[torch.device, torch.dtype]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -48,14 +69,40 @@ def resolve_device(args) -> tuple[torch.device, torch.dtype]:
 
 
 def load_from_args(args, device: torch.device, dtype: torch.dtype) -> tuple[LoadedModel, object]:
-    """(model, tokenizer or None) for --model / --synthetic / the bundled default."""
+    """(model, tokenizer or None) for --model / --synthetic / the bundled default; with --offload the experts
+    go to the host store (the expert cache is configured later, by `configure_offload`)."""
+    factory = ResidentExperts
+    if getattr(args, "offload", False):
+        from expertyard.experts.budget import parse_size
+        from expertyard.experts.offloaded import OffloadedExperts
+
+        host = parse_size(args.host_memory_budget) if args.host_memory_budget else None
+        factory = lambda cfg, dev, dt: OffloadedExperts(cfg, dev, dt, host)  # noqa: E731
     if getattr(args, "synthetic", None):
         from expertyard.synthetic import build_synthetic
 
-        return build_synthetic(args.synthetic, args.num_layers, device, dtype), None
-    path = args.model or bundled_model_path()
-    loaded = load_model(path, device, dtype, progress=not args.json)
-    return loaded, load_tokenizer(path)
+        loaded, tokenizer = build_synthetic(args.synthetic, args.num_layers, device, dtype, backend_factory=factory), None
+    else:
+        path = args.model or bundled_model_path()
+        loaded = load_model(path, device, dtype, backend_factory=factory, progress=not args.json)
+        tokenizer = load_tokenizer(path)
+    if getattr(args, "routing_trace", None):
+        from expertyard.layers.forced_routing import ForcedRouting
+
+        experts = _read_trace_experts(args.routing_trace)
+        loaded.model.force_routing(ForcedRouting(experts, loaded.config, device, str(args.routing_trace)))
+    return loaded, tokenizer
+
+
+def _read_trace_experts(path: Path):
+    import numpy as np
+
+    if not path.is_file():
+        raise ConfigError(f"--routing-trace {path}: no such file")
+    with np.load(path) as f:
+        if "experts" not in f:
+            raise ConfigError(f"{path}: not a routing trace (no 'experts' array)")
+        return f["experts"]
 
 
 def load_tokenizer(path: Path):
@@ -67,9 +114,54 @@ def load_tokenizer(path: Path):
         raise ConfigError(f"{path}: no usable tokenizer files ({e})") from e
 
 
-def engine_from_args(args) -> LLMEngine:
+def engine_from_args(args, **config) -> LLMEngine:
     device, dtype = resolve_device(args)
     loaded, tokenizer = load_from_args(args, device, dtype)
-    config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                          cuda_graphs=False if args.no_cuda_graphs else None)
-    return LLMEngine(loaded, tokenizer, config)
+    offload = getattr(args, "offload", False)
+    config = EngineConfig(**{"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
+                             "cuda_graphs": False if (args.no_cuda_graphs or offload) else None, **config})
+    engine = LLMEngine(loaded, tokenizer, config, **({"eos_token_ids": set()} if tokenizer is None else {}))
+    if offload:
+        configure_offload(engine, args)
+    return engine
+
+
+def configure_offload(engine: LLMEngine, args) -> None:
+    """Split the GPU budget, allocate the expert cache and pick policy and predictor."""
+    from expertyard.engine.kv_cache import kv_cache_bytes
+    from expertyard.experts.budget import parse_size, plan_gpu_budget, workspace_bytes
+    from expertyard.experts.policies import make_policy
+
+    if not args.gpu_memory_budget:
+        raise ConfigError("--offload needs --gpu-memory-budget SIZE (e.g. 24GiB)")
+    model, cfg, backend = engine.model, engine.model_config, engine.model.experts
+    elt = torch.empty((), dtype=engine.dtype).element_size()
+    resident = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv = kv_cache_bytes(model, engine.config.max_num_seqs + 1, engine.max_model_len, engine.dtype)
+    workspace = workspace_bytes(cfg, engine.config.max_num_batched_tokens, engine.max_model_len, elt)
+    plan = plan_gpu_budget(parse_size(args.gpu_memory_budget), cfg, resident, kv, workspace, backend.expert_bytes)
+    if not args.json:
+        print(plan.describe(), file=sys.stderr)
+    predictor = make_predictor(args, model)
+    backend.configure(plan.slots, make_policy(args.policy), predictor, timeline=args.timeline is not None)
+    engine.offload_plan = plan
+
+
+def make_predictor(args, model):
+    from expertyard.experts import predictors
+
+    name, depth = args.predictor, args.prefetch_depth
+    if name == "oracle":
+        if model.forced_routing is None:
+            raise ConfigError("--predictor oracle reads the future of a --routing-trace; give one")
+        from expertyard.experts.predictors.base import TraceOraclePredictor
+
+        return TraceOraclePredictor(model.forced_routing, list(model.cfg.moe_layers), depth)
+    if hasattr(predictors, "load_predictor"):
+        model_dir = None if getattr(args, "synthetic", None) else (args.model or bundled_model_path())
+        return predictors.load_predictor(name, model, model_dir, depth, args.predictor_path)
+    if name == "none":
+        return predictors.NoPredictor(depth)
+    if name == "next-gate":
+        return predictors.NextGatePredictor(model, depth)
+    raise ConfigError(f"unknown predictor {name!r}; choose none, next-gate, trained or oracle")

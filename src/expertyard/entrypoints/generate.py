@@ -8,7 +8,7 @@ import sys
 import time
 
 from expertyard.engine.sampling_params import SamplingParams
-from expertyard.entrypoints.common import add_model_args, engine_from_args
+from expertyard.entrypoints.common import add_model_args, add_offload_args, engine_from_args
 from expertyard.errors import ConfigError
 
 
@@ -16,6 +16,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(p)
+    add_offload_args(p)
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     p.add_argument("--system", default=None, help="system message (with --chat)")
@@ -52,12 +53,28 @@ def run(args) -> int:
     elapsed = time.perf_counter() - start
     n = len(seq.output_token_ids)
     decode_tps = (n - 1) / (time.perf_counter() - first) if n > 1 and first else 0.0
+    stats = engine.model.experts.report(seq.num_prompt_tokens + n) if args.offload else None
+    if args.offload and args.timeline:
+        engine.model.experts.timeline.write(args.timeline)
     if args.json:
         print(json.dumps({"prompt": args.prompt, "text": seq.text, "finish_reason": seq.finish_reason,
                           "prompt_tokens": seq.num_prompt_tokens, "completion_tokens": n,
-                          "seconds": round(elapsed, 4), "decode_tokens_per_s": round(decode_tps, 2)}))
+                          "seconds": round(elapsed, 4), "decode_tokens_per_s": round(decode_tps, 2),
+                          **({"offload": stats} if stats else {})}))
     else:
         sys.stdout.write(seq.text[printed:] + "\n")
         print(f"[{n} tokens, {elapsed:.2f} s, {decode_tps:.1f} tokens/s decode, finish: {seq.finish_reason}]",
               file=sys.stderr)
+        if stats and args.stats:
+            print(format_stats(stats), file=sys.stderr)
     return 0
+
+
+def format_stats(s: dict) -> str:
+    return (f"[expert cache: {s['cache_slots']} slots, hit rate {100 * s['hit_rate']:.1f}% "
+            f"({s['hits']} hits, {s['misses']} misses, {s['misses_per_token']:.2f}/token); prefetch: "
+            f"{s['prefetches']} loads, precision {100 * s['prefetch_precision']:.0f}%, predictor precision "
+            f"{100 * s['predictor_precision']:.0f}% recall {100 * s['predictor_recall']:.0f}%; copied "
+            f"{s['bytes_copied'] / 2**20:,.0f} MiB ({s['bytes_per_token'] / 2**20:,.1f} MiB/token), copy engine busy "
+            f"{s['copy_busy_s']:.3f} s, stall {s['stall_ms_per_token']:.2f} ms/token, host sync "
+            f"{s['host_sync_ms_per_token']:.2f} ms/token]")

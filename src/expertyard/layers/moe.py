@@ -40,6 +40,13 @@ class Router(nn.Module):
             topk_w = topk_w / topk_w.sum(dim=-1, keepdim=True)
         return topk_ids, topk_w * cfg.routed_scaling_factor
 
+    def weights_at(self, logits: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """Gate weights [T, K] the model would give experts `topk_ids` (used when routing is forced)."""
+        topk_w = logits.softmax(dim=-1).gather(1, topk_ids)
+        if self.cfg.norm_topk_prob:
+            topk_w = topk_w / topk_w.sum(dim=-1, keepdim=True)
+        return topk_w * self.cfg.routed_scaling_factor
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.select(self.logits(x))
 
@@ -52,9 +59,14 @@ class SparseMoeBlock(nn.Module):
         self.shared_expert = GatedMLP(hidden_size, cfg.shared_intermediate_size) if cfg.shared_intermediate_size else None
         self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False) if cfg.shared_expert_gate else None
         self.experts = None  # an ExpertBackend, set by the model; not a submodule
+        self.forced = None  # a ForcedRouting replacing the router's choices (benchmarks on real traces)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        topk_ids, topk_w = self.gate(x)  # [T, K], [T, K]
+        if self.forced is None:
+            topk_ids, topk_w = self.gate(x)  # [T, K], [T, K]
+        else:
+            topk_ids = self.forced.ids(self.layer)
+            topk_w = self.gate.weights_at(self.gate.logits(x), topk_ids)
         y = self.experts.forward(self.layer, x, topk_ids, topk_w)  # [T, D]
         if self.shared_expert is not None:
             shared = self.shared_expert(x)

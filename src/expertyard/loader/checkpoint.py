@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -56,13 +56,15 @@ def open_shard(path: Path) -> Iterator:
         raise
 
 
-def iter_tensors(files: list[Path]) -> Iterator[tuple[Path, str, torch.Tensor]]:
-    """(file, name, tensor) for every tensor, one at a time (memory-mapped; nothing else held)."""
+def iter_tensors(files: list[Path]) -> Iterator[tuple[Path, str, Callable[[], torch.Tensor]]]:
+    """(file, name, read) for every tensor; `read()` returns it (memory-mapped; nothing else is held), so a
+    caller that keeps a tensor on disk never reads it."""
     for path in files:
         with open_shard(path) as f:
             for name in f.keys():
-                try:
-                    tensor = f.get_tensor(name)
-                except Exception as e:
-                    raise CheckpointError(f"{path}: tensor {name!r} cannot be read, file truncated? ({e})") from e
-                yield path, name, tensor
+                def read(f=f, name=name, path=path) -> torch.Tensor:
+                    try:
+                        return f.get_tensor(name)
+                    except Exception as e:
+                        raise CheckpointError(f"{path}: tensor {name!r} cannot be read, file truncated? ({e})") from e
+                yield path, name, read

@@ -77,8 +77,12 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu", dtype:
 
     with tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True,
               desc=f"loading {model_dir.name}", disable=not progress, leave=False) as bar:
-        for path, ckpt_name, tensor in iter_tensors(files):
-            bar.update(tensor.numel() * tensor.element_size())
+        current = None
+        for path, ckpt_name, read in iter_tensors(files):
+            if path != current:  # the bar advances a file at a time
+                if current is not None:
+                    bar.update(current.stat().st_size)
+                current = path
             name = ckpt_name
             for pattern, repl in renames:
                 name = pattern.sub(repl, name)
@@ -88,13 +92,18 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu", dtype:
                 if key not in expected_experts:
                     _unexpected(path, ckpt_name, cfg)
                     continue
-                _checked(path, ckpt_name, lambda: model.experts.load_expert_weight(layer, expert, proj, tensor))
+                if getattr(model.experts, "wants_disk", lambda *_: False)(layer, expert):  # disk tier: keep it there
+                    model.experts.load_expert_from_disk(layer, expert, proj, path, ckpt_name)
+                else:
+                    tensor = read()
+                    _checked(path, ckpt_name, lambda: model.experts.load_expert_weight(layer, expert, proj, tensor))
                 expected_experts.discard(key)
             elif m := STACKED_EXPERTS.match(name):
                 layer, proj = int(m[1]), m[2]
                 if layer not in cfg.moe_layers:
                     _unexpected(path, ckpt_name, cfg)
                     continue
+                tensor = read()  # the fused layout is read whole (no disk tier for it)
                 if tensor.dim() != 3 or tensor.shape[0] != cfg.moe.num_experts:
                     raise CheckpointError(f"{path.name}: tensor {ckpt_name!r} has shape {tuple(tensor.shape)}, "
                                           f"expected [{cfg.moe.num_experts} experts, ...]")
@@ -102,7 +111,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu", dtype:
                 projs = ("gate", "up") if proj == "gate_up" else ("down",)
                 expected_experts -= {(layer, e, p) for e in range(tensor.shape[0]) for p in projs}
             elif name in params:
-                dst = params[name]
+                dst, tensor = params[name], read()
                 if dst.shape != tensor.shape:
                     raise CheckpointError(f"{path.name}: tensor {ckpt_name!r} has shape {tuple(tensor.shape)}, "
                                           f"the config implies {tuple(dst.shape)}")
@@ -111,6 +120,8 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu", dtype:
                 expected_params.discard(name)
             elif not IGNORED.search(name):
                 _unexpected(path, ckpt_name, cfg)
+        if current is not None:
+            bar.update(current.stat().st_size)
     missing = sorted(expected_params) + [f"layer {l} expert {e} {p}_proj" for l, e, p in sorted(expected_experts)]
     if missing:
         more = f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""

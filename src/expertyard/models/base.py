@@ -60,6 +60,7 @@ class CausalLM(nn.Module):
             inv_freq, scaling = rope_parameters(cfg.hf_config)
         self.rope = RotaryEmbedding(inv_freq, scaling, cfg.attention.rope_style)
         self.experts: ExpertBackend | None = None
+        self.forced_routing = None
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -71,6 +72,13 @@ class CausalLM(nn.Module):
             if isinstance(layer.mlp, SparseMoeBlock):
                 layer.mlp.experts = backend
 
+    def force_routing(self, forced) -> None:
+        """Replace every router's expert choices by a `ForcedRouting` (None restores the routers)."""
+        self.forced_routing = forced
+        for layer in self.layers:
+            if isinstance(layer.mlp, SparseMoeBlock):
+                layer.mlp.forced = forced
+
     def kv_cache_shapes(self) -> list[list[tuple[int, ...]]]:
         """Per layer, the per-token feature shape of each cache tensor."""
         return [layer.self_attn.kv_cache_shapes() for layer in self.layers]
@@ -79,6 +87,8 @@ class CausalLM(nn.Module):
                 kv_cache: list[list[torch.Tensor]]) -> torch.Tensor:
         """input_ids [T] -> final hidden states [T, D] (normed; apply `compute_logits`)."""
         h = self.model.embed_tokens(input_ids)  # [T, D]
+        if self.forced_routing is not None:
+            self.forced_routing.begin_step(input_ids.shape[0])
         cos, sin = self.rope.cos_sin(meta.positions)
         for i, layer in enumerate(self.layers):
             h = layer.attention_step(h, meta, kv_cache[i], self.rope, cos, sin)

@@ -34,3 +34,18 @@ class NoPredictor(Predictor):
 
     def predict(self, layer: int, x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
         return []
+
+
+class TraceOraclePredictor(Predictor):
+    """Under routing forced from a trace: the trace's own experts of the next layers, i.e. a perfect
+    predictor. An upper bound for what prediction can buy, not a method."""
+
+    name = "oracle"
+
+    def __init__(self, forced, moe_layers: list[int], depth: int = 1):
+        super().__init__(depth)
+        self.forced = forced
+        self.targets = {l: moe_layers[i + 1:i + 1 + depth] for i, l in enumerate(moe_layers)}
+
+    def predict(self, layer: int, x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        return [(t, self.forced.ids(t)) for t in self.targets.get(layer, [])]

@@ -1,0 +1,76 @@
+"""How a GPU memory budget is split: resident weights, KV cache, workspace, and expert cache slots."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from expertyard.config import ModelConfig
+from expertyard.errors import ConfigError
+
+GiB = 2**30
+UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
+         "g": GiB, "gb": GiB, "gib": GiB, "t": 2**40, "tb": 2**40, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'24GiB', '1.5G', '800MB', '123456' -> bytes (binary units: 1G = 1GiB)."""
+    s = text.strip().lower().replace(" ", "")
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        value = -1.0
+    if unit not in UNITS or value < 0:
+        raise ConfigError(f"cannot read size {text!r}; write e.g. 24GiB, 1.5G, 800MB or a number of bytes")
+    return int(value * UNITS[unit])
+
+
+def workspace_bytes(cfg: ModelConfig, max_tokens: int, max_model_len: int, elt: int) -> int:
+    """Upper estimate of activations for one step of `max_tokens` tokens (the caching allocator keeps them):
+    hidden states and projections, the MoE intermediate of every (token, expert) pair, attention scores of a
+    padded prefill, logits, plus 64 MiB for small buffers."""
+    att = cfg.attention
+    t, d = max_tokens, cfg.hidden_size
+    pairs = t * cfg.moe.top_k
+    inter = max(cfg.moe.intermediate_size, cfg.dense_intermediate_size, cfg.moe.shared_intermediate_size)
+    proj = t * (att.num_heads + 2 * att.num_kv_heads) * max(att.head_dim, att.kv_lora_rank + att.qk_rope_head_dim)
+    hidden = t * d * 8 * elt + proj * elt + 2 * t * inter * elt + pairs * cfg.moe.intermediate_size * elt
+    moe = t * d * 4 + pairs * 16
+    scores = t * min(max_model_len, max_tokens * 4) * att.num_heads * 4
+    logits = 2 * max_tokens * cfg.vocab_size * 4
+    return hidden + moe + scores + logits + 64 * 2**20
+
+
+@dataclass(frozen=True)
+class GpuBudgetPlan:
+    budget: int
+    resident_bytes: int  # non-expert weights on the GPU
+    kv_cache_bytes: int
+    workspace_bytes: int
+    expert_bytes: int  # one expert slot
+    slots: int
+    total_experts: int
+
+    def describe(self) -> str:
+        mib = lambda b: f"{b / 2**20:,.0f} MiB"  # noqa: E731
+        return (f"GPU budget {mib(self.budget)}: resident weights {mib(self.resident_bytes)}, "
+                f"KV cache {mib(self.kv_cache_bytes)}, workspace {mib(self.workspace_bytes)}, "
+                f"expert cache {self.slots} slots x {mib(self.expert_bytes)} = {mib(self.slots * self.expert_bytes)} "
+                f"({100 * self.slots / self.total_experts:.1f}% of {self.total_experts} experts)")
+
+
+def plan_gpu_budget(budget: int, cfg: ModelConfig, resident: int, kv_cache: int, workspace: int,
+                    expert_bytes: int) -> GpuBudgetPlan:
+    total = len(cfg.moe_layers) * cfg.moe.num_experts
+    min_slots = cfg.moe.top_k  # one token's experts of one layer must fit at once
+    fixed = resident + kv_cache + workspace
+    slots = min(total, max(0, (budget - fixed) // expert_bytes))
+    if slots < min_slots:
+        need = fixed + min_slots * expert_bytes
+        raise ConfigError(
+            f"--gpu-memory-budget {budget / GiB:.2f} GiB is too small: resident weights {resident / GiB:.2f} GiB + "
+            f"KV cache {kv_cache / GiB:.2f} GiB + workspace {workspace / GiB:.2f} GiB + {min_slots} experts "
+            f"({min_slots} x {expert_bytes / 2**20:.0f} MiB) need at least {need / GiB:.2f} GiB; raise the budget, "
+            f"or lower --max-model-len / --max-num-seqs")
+    return GpuBudgetPlan(budget, resident, kv_cache, workspace, expert_bytes, int(slots), total)

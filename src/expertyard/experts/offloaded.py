@@ -1,0 +1,305 @@
+"""Experts in host memory behind a GPU expert cache, with pre-gated prefetch on a dedicated copy stream.
+
+A MoE layer visit on CUDA (the decode path, when one visit's experts fit the cache):
+  1. the predictor scores the next layers' experts from x (one stacked matmul, on the GPU);
+  2. routing and predictions go to a pinned host buffer (async copy + event);
+  3. the expert FFN is launched at once over the *resident* experts: a device table maps expert -> slot, and
+     pairs whose expert is not resident map to -1 and are skipped by the kernel;
+  4. the host waits for the routing event (the one host sync of the layer: the GPU keeps computing step 3
+     meanwhile), asks the cache bookkeeping which experts missed, copies them on the copy stream, and adds a
+     second FFN pass over just the missed pairs once their copies land (the compute stream waits only on those
+     copies' events); on the hit path that pass does not exist;
+  5. predicted experts that are not resident are copied next, protected until their layer runs.
+A slot is only overwritten after the last kernel that read it (one event per slot), and a kernel reading a
+prefetched slot waits for that slot's copy. On the CPU, and for visits that need more experts than the cache
+holds (long prefills), experts are loaded first and computed in groups that fit.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from expertyard.config import ModelConfig
+from expertyard.errors import ConfigError
+from expertyard.experts.backend import ExpertBackend, Projection
+from expertyard.experts.cache_state import ExpertCacheState, Load
+from expertyard.experts.host_store import HostExpertStore
+from expertyard.experts.policies import CachePolicy
+from expertyard.experts.predictors.base import NoPredictor, Predictor
+from expertyard.experts.telemetry import Timeline, TransferStats
+from expertyard.kernels.fused_moe import fused_moe
+
+# T = tokens, K = experts per token, S = cache slots, E = experts per layer, D = hidden, I = expert intermediate
+
+
+class OffloadedExperts(ExpertBackend):
+    def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
+                 host_budget_bytes: int | None = None):
+        self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
+        self.num_experts = cfg.moe.num_experts
+        self.keys = [(layer, e) for layer in cfg.moe_layers for e in range(self.num_experts)]
+        self.store = HostExpertStore(self.keys, cfg.hidden_size, cfg.moe.intermediate_size, dtype,
+                                     host_budget_bytes, pin=self.device.type == "cuda")
+        self.expert_bytes = self.store.expert_bytes
+        self.state: ExpertCacheState | None = None
+        self.predictor: Predictor = NoPredictor()
+        self.stats = TransferStats()
+        self.timeline: Timeline | None = None
+
+    # ---- loading (called by the checkpoint loader) ------------------------------------------------------
+    def load_expert_weight(self, layer: int, expert: int, proj: Projection, tensor: torch.Tensor) -> None:
+        self.store.put((layer, expert), proj, tensor)
+
+    def wants_disk(self, layer: int, expert: int) -> bool:
+        return not self.store.in_memory((layer, expert))
+
+    def load_expert_from_disk(self, layer: int, expert: int, proj: Projection, path: Path, name: str) -> None:
+        self.store.put_on_disk((layer, expert), proj, path, name)
+
+    def expected_weights(self) -> set[tuple[int, int, str]]:
+        return {(l, e, p) for l, e in self.keys for p in ("gate", "up", "down")}
+
+    # ---- set-up ---------------------------------------------------------------------------------------
+    def configure(self, num_slots: int, policy: CachePolicy, predictor: Predictor | None = None,
+                  timeline: bool = False) -> None:
+        """Allocate the GPU slot pool once (no allocation per step) and choose policy and predictor."""
+        if num_slots < self.cfg.moe.top_k:
+            raise ConfigError(f"an expert cache of {num_slots} slots cannot hold the {self.cfg.moe.top_k} experts "
+                              "of one token")
+        s, i, d = num_slots, self.cfg.moe.intermediate_size, self.cfg.hidden_size
+        self.pool = torch.empty(s, 3 * i * d, dtype=self.dtype, device=self.device)  # [S, 3*I*D]
+        self.w13 = self.pool[:, :2 * i * d].view(s, 2 * i, d)  # [S, 2I, D]
+        self.w2 = self.pool[:, 2 * i * d:].view(s, d, i)  # [S, D, I]
+        self.state = ExpertCacheState(num_slots, policy)
+        self.predictor = predictor or NoPredictor()
+        self.slot_table = torch.full((self.cfg.num_layers, self.num_experts), -1, dtype=torch.int32,
+                                     device=self.device)  # [L, E]: slot of each resident expert, else -1
+        self.cuda = self.device.type == "cuda"
+        if self.cuda:
+            self.copy_stream = torch.cuda.Stream(self.device)
+            self.ready: dict[int, torch.cuda.Event] = {}  # slot -> its last copy done
+            self.last_read: dict[int, torch.cuda.Event] = {}  # slot -> last kernel that read it done
+            self.pending: dict[int, list[torch.cuda.Event]] = {}  # layer -> copies of its prefetched experts
+            self.host_buf = torch.empty(1 << 16, dtype=torch.int32, pin_memory=True)
+            self.timeline = Timeline() if timeline else None
+        self.now = 0
+        self.visits: list[tuple[int, list[int]]] | None = None  # set to [] to record every visit's experts
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        from expertyard.experts.cache_state import CacheCounters
+
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        self.state.counters = CacheCounters()
+        self.stats = TransferStats()
+        self._predicted: dict[int, set[int]] = {}
+        self._pred_hits = self._pred_total = self._pred_needed = 0
+
+    # ---- the seam -------------------------------------------------------------------------------------
+    def forward(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+        preds = self.predictor.predict(layer, x)  # [(later layer, ids [T, K])]
+        fits = topk_ids.numel() <= self.state.capacity
+        if self.cuda and fits:
+            y = self._forward_speculative(layer, x, topk_ids, topk_w, preds)
+        else:
+            y = self._forward_loaded_first(layer, x, topk_ids, topk_w, preds)
+        self.now += 1
+        self.stats.layer_visits += 1
+        return y
+
+    def _routing_to_host(self, topk_ids: torch.Tensor, preds) -> tuple[torch.cuda.Event, int]:
+        """Start copying routing and predictions (int32) to the pinned host buffer; (event, count)."""
+        flat = torch.cat([topk_ids.reshape(-1)] + [p.reshape(-1) for _, p in preds]).to(torch.int32)
+        n = flat.numel()
+        if n > self.host_buf.numel():
+            self.host_buf = torch.empty(2 * n, dtype=torch.int32, pin_memory=True)
+        self.host_buf[:n].copy_(flat, non_blocking=True)
+        routed = torch.cuda.Event()
+        routed.record()
+        return routed, n
+
+    def _forward_speculative(self, layer, x, topk_ids, topk_w, preds):
+        compute = torch.cuda.current_stream(self.device)
+        self._wait(compute, self.pending.pop(layer, []))
+        routed, n = self._routing_to_host(topk_ids, preds)
+        slots = self.slot_table[layer][topk_ids]  # [T, K]: -1 where not resident (skipped by the kernel)
+        y = self._ffn(x, slots, topk_w, f"moe L{layer}", compute)
+        t0 = time.perf_counter()
+        routed.synchronize()  # the layer's one host sync; the kernel above keeps the GPU busy meanwhile
+        self.stats.host_sync_s += time.perf_counter() - t0
+        flat = self.host_buf[:n].tolist()
+        ids, pred_ids = self._split(flat, topk_ids.shape, preds)
+        used = list(dict.fromkeys(ids))
+        self._score_prediction(layer, used)
+        loads = self.state.access(layer, used, self.now)
+        if loads:
+            self._copy(loads)
+            self._wait(compute, [self.ready[ld.slot] for ld in loads])
+            missed = {ld.key[1]: ld.slot for ld in loads}
+            miss_slots = torch.tensor([missed.get(e, -1) for e in ids], dtype=torch.int32)
+            miss_slots = miss_slots.view(topk_ids.shape).to(self.device, non_blocking=True)
+            y = y + self._ffn(x, miss_slots, topk_w, f"moe miss L{layer}", compute)
+        self._mark_read(compute, used, layer)
+        self._prefetch(pred_ids)
+        self.state.end_visit(layer, used)
+        return y
+
+    def _forward_loaded_first(self, layer, x, topk_ids, topk_w, preds):
+        """Learn the routing, then load and compute in groups of experts that fit the cache."""
+        if self.cuda:
+            routed, n = self._routing_to_host(topk_ids, preds)
+            routed.synchronize()
+            flat = self.host_buf[:n].tolist()
+        else:
+            flat = torch.cat([topk_ids.reshape(-1)] + [p.reshape(-1) for _, p in preds]).tolist()
+        ids, pred_ids = self._split(flat, topk_ids.shape, preds)
+        used = list(dict.fromkeys(ids))
+        self._score_prediction(layer, used)
+        compute = torch.cuda.current_stream(self.device) if self.cuda else None
+        if len(used) > self.state.capacity - len(self.state.protected):
+            self.state.release_prefetched()  # make room: predictions yield to experts needed now
+        room = max(self.cfg.moe.top_k, self.state.capacity - len(self.state.protected))
+        y = None
+        for start in range(0, len(used), room):
+            group = used[start:start + room]
+            loads = self.state.access(layer, group, self.now)
+            self._copy(loads)
+            if self.cuda:
+                self._wait(compute, [self.ready[ld.slot] for ld in loads])
+            slot_of = {e: self.state.slot_of((layer, e)) for e in group}
+            part = self._ffn_group(x, ids, slot_of, topk_ids.shape, topk_w, f"moe L{layer}", compute)
+            y = part if y is None else y + part
+            if self.cuda:
+                self._mark_read(compute, group, layer)
+            self.state.end_visit(layer, group)
+        self._prefetch(pred_ids)
+        return y
+
+    # ---- pieces ---------------------------------------------------------------------------------------
+    def _split(self, flat: list[int], shape, preds) -> tuple[list[int], list[tuple[int, int]]]:
+        n = shape[0] * shape[1]
+        ids, rest = flat[:n], flat[n:]
+        pred_keys = []
+        for target, p in preds:
+            m = p.numel()
+            pred_keys += [(target, e) for e in dict.fromkeys(rest[:m])]
+            self._predicted.setdefault(target, set()).update(rest[:m])
+            rest = rest[m:]
+        return ids, pred_keys
+
+    def _score_prediction(self, layer: int, used: list[int]) -> None:
+        if self.visits is not None:
+            self.visits.append((layer, used))
+        predicted = self._predicted.pop(layer, None)
+        if predicted is not None:
+            self._pred_hits += len(predicted.intersection(used))
+            self._pred_total += len(predicted)
+            self._pred_needed += len(used)
+
+    def _ffn(self, x, slots, topk_w, name, stream):
+        if self.timeline is not None:
+            with self.timeline.span(name, "compute", stream):
+                return fused_moe(x, self.w13, self.w2, slots, topk_w)
+        return fused_moe(x, self.w13, self.w2, slots, topk_w)
+
+    def _ffn_group(self, x, ids, slot_of, shape, topk_w, name, stream):
+        """FFN over the pairs whose expert is in `slot_of`; the others contribute nothing."""
+        if self.cuda:  # the kernel skips slot -1
+            slots = torch.tensor([slot_of.get(e, -1) for e in ids], dtype=torch.int32).view(shape)
+            return self._ffn(x, slots.to(self.device, non_blocking=True), topk_w, name, stream)
+        keep = torch.tensor([e in slot_of for e in ids]).view(shape)  # CPU kernel wants valid ids: weight 0
+        slots = torch.tensor([slot_of.get(e, 0) for e in ids]).view(shape)
+        return fused_moe(x, self.w13, self.w2, slots, topk_w * keep)
+
+    def _copy(self, loads: list[Load]) -> None:
+        """Copy each loaded expert into its slot: on the copy stream after the slot's last reader (CUDA)."""
+        if loads:
+            self._set_table(loads)
+        for ld in loads:
+            src = self.store.source(ld.key, self.device)
+            self.stats.copies += 1
+            self.stats.bytes_copied += self.expert_bytes
+            if not self.cuda:
+                self.pool[ld.slot].copy_(src)
+                continue
+            stream = self.copy_stream
+            if ld.slot in self.last_read:
+                stream.wait_event(self.last_read.pop(ld.slot))
+            start, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            with torch.cuda.stream(stream):
+                self.pool[ld.slot].copy_(src, non_blocking=True)
+            done.record(stream)
+            self.ready[ld.slot] = done
+            self.stats.copy_events.append((start, done))
+            if self.timeline is not None:
+                kind = "prefetch" if ld.prefetch else "miss"
+                self.timeline.spans.append((f"{kind} L{ld.key[0]} E{ld.key[1]}", "copy", start, done))
+            if not self.store.in_memory(ld.key):
+                self.store.mark_staging_read(src, done)
+
+    def _set_table(self, loads: list[Load]) -> None:
+        """Mirror residency changes into the device table, in compute-stream order."""
+        rows, cols, vals = [], [], []
+        for ld in loads:
+            if ld.evicted is not None:
+                rows.append(ld.evicted[0]), cols.append(ld.evicted[1]), vals.append(-1)
+            rows.append(ld.key[0]), cols.append(ld.key[1]), vals.append(ld.slot)
+        idx = torch.tensor([rows, cols, vals], dtype=torch.long)
+        if self.cuda:
+            idx = idx.pin_memory().to(self.device, non_blocking=True)
+        self.slot_table[idx[0], idx[1]] = idx[2].to(torch.int32)
+
+    def _prefetch(self, keys: list[tuple[int, int]]) -> None:
+        if not keys:
+            return
+        loads = self.state.prefetch(keys, self.now)
+        self._copy(loads)
+        if self.cuda:
+            for ld in loads:
+                self.pending.setdefault(ld.key[0], []).append(self.ready[ld.slot])
+
+    def _wait(self, stream, events: list) -> None:
+        if not events:
+            return
+        before = torch.cuda.Event(enable_timing=True)
+        before.record(stream)
+        for ev in events:
+            stream.wait_event(ev)
+        after = torch.cuda.Event(enable_timing=True)
+        after.record(stream)
+        self.stats.stall_events.append((before, after))
+
+    def _mark_read(self, stream, used: list[int], layer: int) -> None:
+        done = torch.cuda.Event()
+        done.record(stream)
+        for e in used:
+            slot = self.state.slot_of((layer, e))
+            if slot is not None:
+                self.last_read[slot] = done
+
+    # ---- reporting ------------------------------------------------------------------------------------
+    def report(self, tokens: int) -> dict:
+        """Counters since configure(); `tokens` normalises per-token figures."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        c = self.state.counters
+        accesses = c.hits + c.misses
+        tokens = max(tokens, 1)
+        busy = self.stats.busy_seconds() if self.cuda else 0.0
+        stall = self.stats.stall_seconds() if self.cuda else 0.0
+        return {
+            "cache_slots": self.state.capacity, "hits": c.hits, "misses": c.misses,
+            "hit_rate": c.hits / accesses if accesses else 0.0, "misses_per_token": c.misses / tokens,
+            "prefetches": c.prefetches, "prefetch_hits": c.prefetch_hits, "wasted_prefetches": c.wasted_prefetches,
+            "prefetch_precision": c.prefetch_hits / c.prefetches if c.prefetches else 0.0,
+            "predictor_precision": self._pred_hits / self._pred_total if self._pred_total else 0.0,
+            "predictor_recall": self._pred_hits / self._pred_needed if self._pred_needed else 0.0,
+            "bytes_copied": self.stats.bytes_copied, "bytes_per_token": self.stats.bytes_copied / tokens,
+            "copy_busy_s": busy, "stall_ms_per_token": 1e3 * stall / tokens,
+            "host_sync_ms_per_token": 1e3 * self.stats.host_sync_s / tokens,
+        }
