@@ -27,8 +27,10 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--batch-sizes", default="1,32", help="comma-separated")
-    p.add_argument("--compare", choices=["transformers"], default=None,
-                   help="also run transformers' generate on the same weights, in the same process")
+    p.add_argument("--compare", choices=["transformers", "accelerate"], default=None,
+                   help="also run transformers' generate on the same weights, in the same process "
+                        "(accelerate: with --offload, transformers + accelerate offload under the same GPU budget)")
+    p.add_argument("--compare-decode-tokens", type=int, default=8, help="tokens the accelerate baseline decodes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="also write the JSON result here")
     p.set_defaults(func=run)
@@ -154,6 +156,8 @@ def run_offloaded(args, batch_sizes: list[int]) -> int:
                 row["vs_bound"] = row["expertyard"]["decode_ms_per_step"] / bound_ms
             row["achieved_h2d_GBps"] = row["offload"]["bytes_per_token"] * row["expertyard"]["decode_tokens_per_s"] / 1e9
         result["runs"].append(row)
+    if args.compare == "accelerate" and device.type == "cuda":
+        result["accelerate"] = compare_accelerate(engine, plan, args, result["runs"][0])
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
     if args.json:
@@ -161,6 +165,23 @@ def run_offloaded(args, batch_sizes: list[int]) -> int:
     else:
         print_offload_table(result)
     return 0
+
+
+def compare_accelerate(engine: LLMEngine, plan, args, first_run: dict) -> dict:
+    """transformers + accelerate offload (`device_map="auto"`, `max_memory` = the same GPU budget), batch 1."""
+    from expertyard.bench.accelerate_baseline import accelerate_decode, accelerate_offloaded_model
+
+    # max_memory is accelerate's planning limit, so expertyard's own allocations may stay while it runs
+    loaded = type("Loaded", (), {"config": engine.model_config, "model": engine.model})()
+    hf, device_map = accelerate_offloaded_model(loaded, plan.budget, engine.device)
+    prompt = torch.randint(0, engine.model_config.vocab_size, (args.prompt_len,),
+                           generator=torch.Generator().manual_seed(args.seed)).tolist()
+    out = accelerate_decode(hf, prompt, args.compare_decode_tokens, engine.device)
+    out["modules_on_cpu"] = sum(1 for v in device_map.values() if v == "cpu")
+    out["speedup"] = first_run["expertyard"]["decode_tokens_per_s"] / out["decode_tokens_per_s"]
+    del hf
+    torch.cuda.empty_cache()
+    return out
 
 
 def print_offload_table(r: dict) -> None:
@@ -176,6 +197,10 @@ def print_offload_table(r: dict) -> None:
               f"{100 * o['hit_rate']:8.1f}% {o['bytes_per_token'] / 2**20:8.1f} "
               f"{row['belady_bytes_per_token'] / 2**20:15.1f} {o['stall_ms_per_token']:13.2f} "
               f"{100 * o['predictor_precision']:4.0f}/{100 * o['predictor_recall']:.0f}%")
+    if "accelerate" in r:
+        a = r["accelerate"]
+        print(f"transformers + accelerate offload (same budget, batch 1): {a['decode_tokens_per_s']:.2f} tok/s "
+              f"-> expertyard {a['speedup']:.1f}x")
 
 
 def print_table(r: dict) -> None:

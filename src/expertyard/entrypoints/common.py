@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from importlib import resources
 from pathlib import Path
@@ -47,6 +48,9 @@ def add_offload_args(p: argparse.ArgumentParser) -> None:
                    help="keep experts in host memory behind a GPU expert cache (for models bigger than the GPU)")
     g.add_argument("--gpu-memory-budget", default=None,
                    help="all device bytes: weights, KV cache, workspace and expert cache, e.g. 24GiB")
+    g.add_argument("--expert-cache-fraction", type=float, default=None,
+                   help="instead of --gpu-memory-budget: the budget that fits this fraction of all experts "
+                        "beside the resident weights, KV cache and workspace (printed)")
     g.add_argument("--host-memory-budget", default=None,
                    help="host bytes for expert copies; the rest stay in the safetensors files (disk tier)")
     g.add_argument("--policy", default="lru", help="expert cache eviction policy: lru, lfu, ...")
@@ -132,14 +136,21 @@ def configure_offload(engine: LLMEngine, args) -> None:
     from expertyard.experts.budget import parse_size, plan_gpu_budget, workspace_bytes
     from expertyard.experts.policies import make_policy
 
-    if not args.gpu_memory_budget:
-        raise ConfigError("--offload needs --gpu-memory-budget SIZE (e.g. 24GiB)")
+    if bool(args.gpu_memory_budget) == (args.expert_cache_fraction is not None):
+        raise ConfigError("--offload needs one of --gpu-memory-budget SIZE (e.g. 24GiB) or --expert-cache-fraction F")
     model, cfg, backend = engine.model, engine.model_config, engine.model.experts
     elt = torch.empty((), dtype=engine.dtype).element_size()
     resident = sum(p.numel() * p.element_size() for p in model.parameters())
     kv = kv_cache_bytes(model, engine.config.max_num_seqs + 1, engine.max_model_len, engine.dtype)
     workspace = workspace_bytes(cfg, engine.config.max_num_batched_tokens, engine.max_model_len, elt)
-    plan = plan_gpu_budget(parse_size(args.gpu_memory_budget), cfg, resident, kv, workspace, backend.expert_bytes)
+    if args.expert_cache_fraction is not None:
+        if not 0 < args.expert_cache_fraction <= 1:
+            raise ConfigError(f"--expert-cache-fraction {args.expert_cache_fraction} must be in (0, 1]")
+        slots = math.ceil(args.expert_cache_fraction * len(backend.keys))
+        budget = resident + kv + workspace + slots * backend.expert_bytes
+    else:
+        budget = parse_size(args.gpu_memory_budget)
+    plan = plan_gpu_budget(budget, cfg, resident, kv, workspace, backend.expert_bytes)
     if not args.json:
         print(plan.describe(), file=sys.stderr)
     predictor = make_predictor(args, model)

@@ -51,12 +51,12 @@ class ExpertCacheState:
     def slot_of(self, key: ExpertKey) -> int | None:
         return self.resident.get(key)
 
-    def _load(self, key: ExpertKey, now: int, prefetch: bool) -> Load | None:
+    def _load(self, key: ExpertKey, now: int, prefetch: bool, keep_layers: frozenset[int] = frozenset()) -> Load | None:
         evicted = None
         if self._free:
             slot = self._free.pop()
         else:
-            candidates = [k for k in self.resident if k not in self.protected]
+            candidates = [k for k in self.resident if k not in self.protected and k[0] not in keep_layers]
             if not candidates:
                 return None  # everything resident is in use: no room (caller decides)
             evicted = self.policy.victim(candidates, now)
@@ -100,12 +100,14 @@ class ExpertCacheState:
 
     def prefetch(self, keys: list[ExpertKey], now: int) -> list[Load]:
         """Load predicted experts that are not resident, while free or unprotected slots last; protect them
-        until used. Returns the loads started."""
+        until used. A prediction never evicts an expert of a layer it predicts for: those are about to be
+        needed too, and a wrong guess would cost two loads. Returns the loads started."""
         loads = []
+        targets = frozenset(k[0] for k in keys)
         for key in dict.fromkeys(keys):
             if key in self.resident:
                 continue
-            load = self._load(key, now, prefetch=True)
+            load = self._load(key, now, prefetch=True, keep_layers=targets)
             if load is None:
                 break
             self.counters.prefetches += 1

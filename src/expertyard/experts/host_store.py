@@ -8,6 +8,7 @@ disk tier) stay in the memory-mapped safetensors files and are staged through pi
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,8 @@ class HostExpertStore:
         self.pinned = False
         if pin and n_host:
             self.pinned = _register_pinned(self.pool)
+            if self.pinned:  # unpin before the pool's memory goes back to the allocator
+                weakref.finalize(self, torch.cuda.cudart().cudaHostUnregister, self.pool.data_ptr())
         self.disk: dict[ExpertKey, dict[Projection, DiskTensor]] = {k: {} for k in keys[n_host:]}
         self._files: dict[Path, object] = {}
         self._staging: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
@@ -113,5 +116,9 @@ def _register_pinned(t: torch.Tensor) -> bool:
     """Page-lock an existing host tensor (no power-of-two rounding, unlike the caching host allocator)."""
     if not torch.cuda.is_available():
         return False
-    err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
-    return int(err) == 0
+    cudart = torch.cuda.cudart()
+    err = cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
+    if int(err) != 0:
+        cudart.cudaGetLastError()  # clear it, or the next CUDA call would report it; copies run pageable
+        return False
+    return True

@@ -293,7 +293,7 @@ class OffloadedExperts(ExpertBackend):
         busy = self.stats.busy_seconds() if self.cuda else 0.0
         stall = self.stats.stall_seconds() if self.cuda else 0.0
         return {
-            "cache_slots": self.state.capacity, "hits": c.hits, "misses": c.misses,
+            "cache_slots": self.state.capacity, "host_pinned": self.store.pinned, "hits": c.hits, "misses": c.misses,
             "hit_rate": c.hits / accesses if accesses else 0.0, "misses_per_token": c.misses / tokens,
             "prefetches": c.prefetches, "prefetch_hits": c.prefetch_hits, "wasted_prefetches": c.wasted_prefetches,
             "prefetch_precision": c.prefetch_hits / c.prefetches if c.prefetches else 0.0,
