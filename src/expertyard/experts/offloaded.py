@@ -144,8 +144,8 @@ class OffloadedExperts(ExpertBackend):
             miss_slots = miss_slots.view(topk_ids.shape).to(self.device, non_blocking=True)
             y = y + self._ffn(x, miss_slots, topk_w, f"moe miss L{layer}", compute)
         self._mark_read(compute, used, layer)
+        self.state.end_visit(layer, used)  # first, so that a prediction may replace what this layer just used
         self._prefetch(pred_ids)
-        self.state.end_visit(layer, used)
         return y
 
     def _forward_loaded_first(self, layer, x, topk_ids, topk_w, preds):
