@@ -20,17 +20,18 @@ def _prompts():
     return [torch.randint(3, 128, (n,), generator=g).tolist() for n in (9, 4, 15)]
 
 
-def _engine(loaded, max_num_seqs=3):
-    return LLMEngine(loaded, None, EngineConfig(max_num_seqs=max_num_seqs, max_model_len=96, cuda_graphs=False),
+def _engine(loaded, max_num_seqs=3, graphs=False):
+    return LLMEngine(loaded, None, EngineConfig(max_num_seqs=max_num_seqs, max_model_len=96, cuda_graphs=graphs),
                      eos_token_ids=set())
 
 
-def offloaded_engine(path, device, dtype, slots, predictor="next-gate", depth=1, policy="lru", host_budget=None):
+def offloaded_engine(path, device, dtype, slots, predictor="next-gate", depth=1, policy="lru", host_budget=None,
+                     graphs=False):
     loaded = load_model(path, device, dtype, progress=False,
                         backend_factory=lambda c, d, t: OffloadedExperts(c, d, t, host_budget))
     pred = NextGatePredictor(loaded.model, depth) if predictor == "next-gate" else NoPredictor()
     loaded.model.experts.configure(slots, make_policy(policy), pred)
-    return _engine(loaded)
+    return _engine(loaded, graphs=graphs)
 
 
 def resident_tokens_and_logprobs(path, device, dtype):
@@ -55,7 +56,8 @@ def test_offloaded_generation_equals_resident_under_constant_eviction(arch, tiny
         report["misses"] + report["prefetches"])
 
 
-@pytest.mark.parametrize("policy,predictor", [("lfu", "none"), ("lru", "none"), ("lfu", "next-gate")])
+@pytest.mark.parametrize("policy,predictor", [("lfu", "none"), ("lru", "none"), ("lfu", "next-gate"),
+                                              ("layer-distance", "next-gate")])
 def test_offload_policies_and_predictors_keep_tokens_exact(policy, predictor, tiny_checkpoint):
     path, _ = tiny_checkpoint("qwen3_moe")
     ref_tokens, _ = resident_tokens_and_logprobs(path, "cpu", torch.float32)

@@ -32,6 +32,22 @@ def test_cuda_offloaded_equals_resident(arch, batch, tiny_checkpoint):
     assert r["misses"] > 0 and r["copy_busy_s"] > 0
 
 
+@pytest.mark.parametrize("arch", ["mixtral_sliding", "qwen2_moe", "deepseek_v2_full"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cuda_offloaded_piecewise_graph_decode_equals_resident(arch, batch, tiny_checkpoint):
+    """Decode in CUDA-graph pieces around the eager expert backend (dense layers and shared experts inside)."""
+    path, _ = tiny_checkpoint(arch)
+    top_k = load_model(path, "cpu", torch.float32, progress=False).config.moe.top_k
+    ref = resident_tokens_and_logprobs(path, "cuda", torch.float32)
+    engine = offloaded_engine(path, "cuda", torch.float32, slots=3 * top_k, depth=1, policy="layer-distance",
+                              graphs=True)
+    seqs = engine.generate(_prompts()[:batch], SamplingParams(temperature=0, max_tokens=12, logprobs=1))
+    assert engine.runner.graphs.entries, "no piecewise graph was captured"
+    assert [s.output_token_ids for s in seqs] == ref[0][:batch]
+    torch.testing.assert_close(torch.tensor([[x["logprob"] for x in s.logprobs] for s in seqs]),
+                               torch.tensor(ref[1][:batch]), atol=2e-4, rtol=1e-4)
+
+
 def test_cuda_offload_bf16_tokens_match_resident_bf16(tiny_checkpoint):
     path, _ = tiny_checkpoint("qwen3_moe")
     ref_tokens, ref_logp = resident_tokens_and_logprobs(path, "cuda", torch.bfloat16)

@@ -6,6 +6,7 @@ import torch
 
 from expertyard.engine.cuda_graph import DecodeGraphs
 from expertyard.engine.kv_cache import allocate_kv_cache
+from expertyard.engine.piecewise_graph import PiecewiseDecodeGraphs
 from expertyard.engine.scheduler import ScheduledStep
 from expertyard.layers.attention_metadata import AttentionMetadata, PrefillSpan
 from expertyard.models.base import CausalLM
@@ -20,7 +21,10 @@ class ModelRunner:
         self.max_model_len = max_model_len
         scratch = max_num_seqs  # one extra row that padded graph rows write into
         self.kv_cache = allocate_kv_cache(model, max_num_seqs + 1, max_model_len, device, dtype)
-        self.graphs = DecodeGraphs(model, self.kv_cache, max_num_seqs, max_model_len, scratch) if cuda_graphs else None
+        self.graphs = None
+        if cuda_graphs:  # whole-step graphs, or per-layer pieces around a backend that must run eagerly
+            graphs_cls = DecodeGraphs if getattr(model.experts, "graph_safe", True) else PiecewiseDecodeGraphs
+            self.graphs = graphs_cls(model, self.kv_cache, max_num_seqs, max_model_len, scratch)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)

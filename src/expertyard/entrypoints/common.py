@@ -123,7 +123,7 @@ def engine_from_args(args, **config) -> LLMEngine:
     loaded, tokenizer = load_from_args(args, device, dtype)
     offload = getattr(args, "offload", False)
     config = EngineConfig(**{"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
-                             "cuda_graphs": False if (args.no_cuda_graphs or offload) else None, **config})
+                             "cuda_graphs": False if args.no_cuda_graphs else None, **config})
     engine = LLMEngine(loaded, tokenizer, config, **({"eos_token_ids": set()} if tokenizer is None else {}))
     if offload:
         configure_offload(engine, args)

@@ -17,6 +17,8 @@ class ExpertBackend(ABC):
     y[t] = sum_k topk_w[t, k] * expert_{topk_ids[t, k]}(x[t]).
     """
 
+    graph_safe: bool = True  # forward never syncs with the host, so a whole decode step fits one CUDA graph
+
     @abstractmethod
     def forward(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
         ...

@@ -36,6 +36,7 @@ from expertyard.kernels.fused_moe import fused_moe
 
 
 class OffloadedExperts(ExpertBackend):
+    graph_safe = False  # the host learns each layer's routing: decode runs in per-layer graph pieces
     def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
                  host_budget_bytes: int | None = None):
         self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
@@ -101,7 +102,11 @@ class OffloadedExperts(ExpertBackend):
 
     # ---- the seam -------------------------------------------------------------------------------------
     def forward(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
-        preds = self.predictor.predict(layer, x)  # [(later layer, ids [T, K])]
+        return self.forward_routed(layer, x, topk_ids, topk_w, self.predictor.predict(layer, x))
+
+    def forward_routed(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor,
+                       preds: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+        """`forward` with the predictions already made (piecewise CUDA graphs compute them in the graph)."""
         fits = topk_ids.numel() <= self.state.capacity
         if self.cuda and fits:
             y = self._forward_speculative(layer, x, topk_ids, topk_w, preds)

@@ -23,11 +23,19 @@ class ForcedRouting:
         self.table = torch.from_numpy(experts.astype(np.int64)).to(device)  # [N, L, K]
         self.column = {layer: i for i, layer in enumerate(cfg.moe_layers)}
         self.cursor, self.rows = 0, None
+        self._buffers: dict[int, torch.Tensor] = {}
 
-    def begin_step(self, num_tokens: int) -> None:
-        """The next `num_tokens` tokens take the next trace rows (wrapping around)."""
-        n = self.table.shape[0]
-        self.rows = (torch.arange(num_tokens, device=self.table.device) + self.cursor) % n  # [T]
+    def begin_step(self, num_tokens: int, padded_to: int | None = None) -> None:
+        """The next `num_tokens` tokens take the next trace rows (wrapping around). With `padded_to`, the row
+        buffer has that many entries (CUDA-graph buckets); each size keeps one buffer, updated in place, since
+        a captured graph reads that very tensor."""
+        n, size = self.table.shape[0], padded_to or num_tokens
+        rows = (torch.arange(size, device=self.table.device) + self.cursor) % n  # [T]
+        if size in self._buffers:
+            self._buffers[size].copy_(rows)
+        else:
+            self._buffers[size] = rows
+        self.rows = self._buffers[size]
         self.cursor = (self.cursor + num_tokens) % n
 
     def ids(self, layer: int) -> torch.Tensor:

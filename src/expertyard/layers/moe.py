@@ -61,16 +61,24 @@ class SparseMoeBlock(nn.Module):
         self.experts = None  # an ExpertBackend, set by the model; not a submodule
         self.forced = None  # a ForcedRouting replacing the router's choices (benchmarks on real traces)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(topk_ids [T, K], topk_w [T, K] float32): the router's choice, or the forced one."""
         if self.forced is None:
-            topk_ids, topk_w = self.gate(x)  # [T, K], [T, K]
-        else:
-            topk_ids = self.forced.ids(self.layer)
-            topk_w = self.gate.weights_at(self.gate.logits(x), topk_ids)
+            return self.gate(x)
+        topk_ids = self.forced.ids(self.layer)
+        return topk_ids, self.gate.weights_at(self.gate.logits(x), topk_ids)
+
+    def shared(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The shared expert's output [T, D] (gated for Qwen2-MoE), or None."""
+        if self.shared_expert is None:
+            return None
+        out = self.shared_expert(x)
+        if self.shared_expert_gate is not None:
+            out = torch.sigmoid(self.shared_expert_gate(x)) * out
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        topk_ids, topk_w = self.route(x)  # [T, K], [T, K]
         y = self.experts.forward(self.layer, x, topk_ids, topk_w)  # [T, D]
-        if self.shared_expert is not None:
-            shared = self.shared_expert(x)
-            if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
-            y = y + shared
-        return y
+        shared = self.shared(x)
+        return y if shared is None else y + shared
