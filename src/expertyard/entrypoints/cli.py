@@ -10,12 +10,12 @@ from expertyard.errors import ExpertyardError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from expertyard.entrypoints import bench, evaluate, generate
+    from expertyard.entrypoints import bench, evaluate, generate, simulate_cmd, trace_cmd
 
     parser = argparse.ArgumentParser(prog="expertyard", description="Fast inference for Mixture-of-Experts models")
     parser.add_argument("--version", action="version", version=f"expertyard {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (generate, evaluate, bench):
+    for module in (generate, evaluate, bench, trace_cmd, simulate_cmd):
         module.add_parser(sub)
     return parser
 

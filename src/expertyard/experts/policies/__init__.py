@@ -1,12 +1,14 @@
-"""Cache policies by name: `make_policy("lru")`."""
+"""Cache policies by name: `make_policy("lru")`, `make_policy("belady", future=visits)`."""
 
 from __future__ import annotations
 
 from expertyard.errors import ConfigError
 from expertyard.experts.policies.base import CachePolicy, ExpertKey
+from expertyard.experts.policies.belady import BeladyPolicy
+from expertyard.experts.policies.lfu import LFUPolicy
 from expertyard.experts.policies.lru import LRUPolicy
 
-POLICIES: dict[str, type[CachePolicy]] = {LRUPolicy.name: LRUPolicy}
+POLICIES: dict[str, type[CachePolicy]] = {p.name: p for p in (LRUPolicy, LFUPolicy, BeladyPolicy)}
 
 
 def make_policy(name: str, **kwargs) -> CachePolicy:
@@ -15,4 +17,4 @@ def make_policy(name: str, **kwargs) -> CachePolicy:
     return POLICIES[name](**kwargs)
 
 
-__all__ = ["CachePolicy", "ExpertKey", "POLICIES", "make_policy"]
+__all__ = ["BeladyPolicy", "CachePolicy", "ExpertKey", "LFUPolicy", "LRUPolicy", "POLICIES", "make_policy"]

@@ -1,0 +1,196 @@
+"""Cache policies (lru, lfu, belady) driven through ExpertCacheState, against naive list-based references and,
+for Belady, an exhaustive search over eviction choices; cache-state invariants under prefetch."""
+
+from __future__ import annotations
+
+import itertools
+from functools import lru_cache
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from expertyard.errors import ConfigError
+from expertyard.experts.cache_state import ExpertCacheState
+from expertyard.experts.policies import POLICIES, BeladyPolicy, make_policy
+from expertyard.trace.simulate import visit
+
+
+@st.composite
+def visit_traces(draw, max_layers=3, max_experts=6, max_visits=40):
+    """(visits [(layer, experts)], capacity, top_k): layers in order, as the engine visits them."""
+    layers = draw(st.integers(1, max_layers))
+    experts = draw(st.integers(2, max_experts))
+    k = draw(st.integers(1, experts))
+    steps = draw(st.integers(1, max_visits // layers))
+    visits = []
+    for _ in range(steps):
+        for layer in range(layers):
+            visits.append((layer, draw(st.lists(st.integers(0, experts - 1), min_size=1, max_size=k, unique=True))))
+    capacity = draw(st.integers(k, layers * experts))
+    return visits, capacity, k
+
+
+def run_state(policy_name: str, visits, capacity: int) -> tuple[list[int], ExpertCacheState]:
+    """Misses per visit, the engine's way: access then end_visit."""
+    policy = BeladyPolicy(visits) if policy_name == "belady" else make_policy(policy_name)
+    state = ExpertCacheState(capacity, policy)
+    misses = []
+    for now, (layer, experts) in enumerate(visits):
+        before = state.counters.misses
+        state.access(layer, experts, now)
+        state.end_visit(layer, experts)
+        misses.append(state.counters.misses - before)
+    return misses, state
+
+
+def reference(policy_name: str, visits, capacity: int) -> tuple[list[int], set]:
+    """A plain list cache. LRU: recency order, a visit's experts moved to the end by key; evict the first entry
+    the visit does not use. LFU: whole-run use counts, ties by last use then key."""
+    cache: list = []
+    count: dict = {}
+    last: dict = {}
+    misses = []
+    for now, (layer, experts) in enumerate(visits):
+        keys = [(layer, e) for e in experts]
+        n = 0
+        for key in keys:
+            if key not in cache:
+                n += 1
+                if len(cache) == capacity:
+                    others = [c for c in cache if c not in keys]
+                    if policy_name == "lru":
+                        victim = others[0]
+                    else:
+                        victim = min(others, key=lambda c: (count.get(c, 0), last[c], c))
+                    cache.remove(victim)
+                cache.append(key)
+            count[key] = count.get(key, 0) + 1
+            last[key] = now
+        for key in sorted(keys):  # most recent at the end; equal recency: smaller key first
+            cache.remove(key)
+            cache.append(key)
+        misses.append(n)
+    return misses, set(cache)
+
+
+def optimum(visits, capacity: int) -> int:
+    """Fewest misses over every eviction choice (exhaustive, memoised on the resident set)."""
+
+    @lru_cache(maxsize=None)
+    def best(i: int, resident: frozenset) -> int:
+        if i == len(visits):
+            return 0
+        layer, experts = visits[i]
+        keys = {(layer, e) for e in experts}
+        missing = keys - resident
+        overflow = len(resident) + len(missing) - capacity
+        if overflow <= 0:
+            return len(missing) + best(i + 1, resident | missing)
+        return len(missing) + min(best(i + 1, (resident - set(out)) | missing)
+                                  for out in itertools.combinations(sorted(resident - keys), overflow))
+
+    return best(0, frozenset())
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+@settings(max_examples=150, deadline=None)
+@given(case=visit_traces())
+def test_lru_and_lfu_match_a_naive_list_cache(policy, case):
+    visits, capacity, _ = case
+    misses, state = run_state(policy, visits, capacity)
+    ref_misses, ref_resident = reference(policy, visits, capacity)
+    assert misses == ref_misses
+    assert set(state.resident) == ref_resident
+    assert state.counters.hits + state.counters.misses == sum(len(e) for _, e in visits)
+
+
+@settings(max_examples=150, deadline=None)
+@given(case=visit_traces())
+def test_belady_never_misses_more_than_lru_or_lfu(case):
+    visits, capacity, _ = case
+    belady = sum(run_state("belady", visits, capacity)[0])
+    assert belady <= sum(run_state("lru", visits, capacity)[0])
+    assert belady <= sum(run_state("lfu", visits, capacity)[0])
+
+
+@settings(max_examples=120, deadline=None)
+@given(case=visit_traces(max_layers=2, max_experts=4, max_visits=12))
+def test_belady_equals_the_exhaustive_optimum(case):
+    visits, capacity, _ = case
+    assert sum(run_state("belady", visits, capacity)[0]) == optimum(visits, capacity)
+
+
+def test_belady_textbook_example():
+    # one layer, capacity 2: a b c a b -> MIN keeps a for visit 3 and misses a, b, c, b = 4 (LRU misses 5)
+    visits = [(0, [e]) for e in (0, 1, 2, 0, 1)]
+    assert sum(run_state("belady", visits, 2)[0]) == 4
+    assert sum(run_state("lru", visits, 2)[0]) == 5
+
+
+def test_lfu_keeps_counts_across_evictions():
+    # expert 0 is used 3 times, then evicted by a burst; when it comes back it outranks the one-off experts
+    visits = [(0, [0]), (0, [0]), (0, [0]), (0, [1]), (0, [2]), (0, [0]), (0, [3])]
+    _, state = run_state("lfu", visits, 2)
+    assert (0, 0) in state.resident
+
+
+def test_policies_are_registered_by_name():
+    assert {"lru", "lfu", "belady"} <= set(POLICIES)
+    assert make_policy("belady", future=[(0, [1])]).name == "belady"
+    with pytest.raises(ConfigError, match="unknown cache policy"):
+        make_policy("fifo")
+
+
+class Checked:
+    """Wraps a policy: fails if the cache evicts a protected expert or one the policy did not choose."""
+
+    def __init__(self, inner, state_ref):
+        self.inner, self.state_ref, self.chosen = inner, state_ref, None
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def victim(self, candidates, now):
+        candidates = list(candidates)
+        assert candidates and not set(candidates) & self.state_ref[0].protected
+        self.chosen = self.inner.victim(candidates, now)
+        return self.chosen
+
+    def on_evict(self, key):
+        assert key == self.chosen and key not in self.state_ref[0].protected
+        self.inner.on_evict(key)
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "belady"])
+@settings(max_examples=60, deadline=None)
+@given(case=visit_traces(max_visits=30), data=st.data())
+def test_cache_state_invariants_with_prefetch(policy, case, data):
+    """Slots unique and in range, capacity respected, protected experts never evicted, predictions kept until
+    their layer runs."""
+    visits, capacity, k = case
+    layers = 1 + max(layer for layer, _ in visits)
+    experts = 1 + max(e for _, es in visits for e in es)
+    ref = [None]
+    state = ref[0] = ExpertCacheState(capacity, Checked(
+        BeladyPolicy(visits) if policy == "belady" else make_policy(policy), ref))
+    for now, (layer, used) in enumerate(visits):
+        predicted = data.draw(st.lists(st.tuples(st.integers(layer + 1, layer + 2), st.integers(0, experts - 1)),
+                                       max_size=2 * k))
+        predicted = [key for key in predicted if key[0] < layers]
+        waiting = {key for key in state.protected if key[0] != layer}  # predictions for later layers
+        load_first = data.draw(st.booleans())  # the engine's path when a step's pairs exceed the cache
+        before = state.counters.misses + state.counters.hits
+        released = visit(state, layer, used, predicted, now, pairs=capacity + 1 if load_first else len(used),
+                         top_k=k)
+        assert state.counters.misses + state.counters.hits == before + len(used)
+        if not released:
+            assert waiting <= set(state.resident)
+        assert len(state.resident) <= capacity
+        slots = list(state.resident.values())
+        assert len(set(slots)) == len(slots) and all(0 <= s < capacity for s in slots)
+        assert state.protected <= set(state.resident)
+        assert not {key for key in state.protected if key[0] <= layer}
+    c = state.counters
+    assert c.hits + c.misses == sum(len(e) for _, e in visits)
+    assert c.prefetch_hits + c.wasted_prefetches <= c.prefetches
