@@ -106,3 +106,16 @@ def test_budget_too_small_names_the_minimum(tiny_checkpoint):
         plan_gpu_budget(10_000 + eb, cfg, resident=4000, kv_cache=3000, workspace=3000, expert_bytes=eb)
     full = plan_gpu_budget(10**12, cfg, resident=0, kv_cache=0, workspace=0, expert_bytes=eb)
     assert full.slots == len(cfg.moe_layers) * cfg.moe.num_experts  # never more slots than experts
+
+
+def test_a_demand_miss_evicts_unused_predictions_of_other_layers():
+    from expertyard.experts.cache_state import ExpertCacheState
+
+    state = ExpertCacheState(3, make_policy("lru"))
+    state.access(0, [0, 1], now=0)
+    state.end_visit(0, [0, 1])
+    loads = state.prefetch([(1, 5), (2, 6), (2, 7)], now=0)  # fills the cache with protected predictions
+    assert len(loads) == 3 and state.protected == {(1, 5), (2, 6), (2, 7)}
+    loads = state.access(1, [5, 4], now=1)  # 5 was predicted (hit); 4 must take a layer-2 prediction's slot
+    assert [ld.key for ld in loads] == [(1, 4)] and loads[0].evicted in {(2, 6), (2, 7)}
+    assert state.counters.prefetch_hits == 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from expertyard.engine.cuda_graph import DecodeGraphs
 from expertyard.engine.llm_engine import LLMEngine
 from expertyard.experts.cache_state import ExpertCacheState
 from expertyard.experts.resident import ResidentExperts
@@ -45,11 +46,16 @@ def resident_decode_ms(engine: LLMEngine, prompts: list[list[int]], decode_token
         flat = store.source(key, engine.device)
         resident.w13[key[0]][key[1]].copy_(flat[:2 * i * cfg.hidden_size].view(2 * i, cfg.hidden_size))
         resident.w2[key[0]][key[1]].copy_(flat[2 * i * cfg.hidden_size:].view(cfg.hidden_size, i))
+    graphs = engine.runner.graphs
     engine.model.set_expert_backend(resident)
+    if graphs is not None:  # resident experts run whole-step graphs, at their best
+        engine.runner.graphs = DecodeGraphs(engine.model, engine.runner.kv_cache, graphs.batch_buckets[-1],
+                                            graphs.len_buckets[-1], graphs.scratch_slot)
     try:
         bench(engine, prompts, decode_tokens)  # warm-up
         return bench(engine, prompts, decode_tokens)["decode_ms_per_step"]
     finally:
         engine.model.set_expert_backend(offloaded)
+        engine.runner.graphs = graphs
         del resident
         torch.cuda.empty_cache()

@@ -84,6 +84,10 @@ class ExpertCacheState:
             else:
                 self.counters.misses += 1
                 load = self._load(key, now, prefetch=False)
+                if load is None:  # a demand beats a prediction: unprotect other layers' unused prefetches
+                    for other in [k for k in self._prefetched_unused if k[0] != layer]:
+                        self.protected.discard(other)
+                    load = self._load(key, now, prefetch=False)
                 if load is None:
                     raise RuntimeError(f"cache of {self.capacity} slots cannot hold the {len(keys)} experts "
                                        f"layer {layer} needs at once")
