@@ -119,3 +119,13 @@ def test_a_demand_miss_evicts_unused_predictions_of_other_layers():
     loads = state.access(1, [5, 4], now=1)  # 5 was predicted (hit); 4 must take a layer-2 prediction's slot
     assert [ld.key for ld in loads] == [(1, 4)] and loads[0].evicted in {(2, 6), (2, 7)}
     assert state.counters.prefetch_hits == 1
+
+
+def test_a_visit_may_evict_its_own_layer_mispredictions():
+    from expertyard.experts.cache_state import ExpertCacheState
+
+    state = ExpertCacheState(2, make_policy("lru"))
+    state.prefetch([(1, 5), (1, 6)], now=0)  # both wrong
+    loads = state.access(1, [3, 4], now=1)
+    assert sorted(ld.evicted for ld in loads) == [(1, 5), (1, 6)]
+    assert state.counters.misses == 2 and state.counters.prefetch_hits == 0
