@@ -5,10 +5,12 @@ from __future__ import annotations
 from expertyard.errors import ConfigError
 from expertyard.experts.policies.base import CachePolicy, ExpertKey
 from expertyard.experts.policies.belady import BeladyPolicy
+from expertyard.experts.policies.layer_distance import LayerDistancePolicy
 from expertyard.experts.policies.lfu import LFUPolicy
 from expertyard.experts.policies.lru import LRUPolicy
 
-POLICIES: dict[str, type[CachePolicy]] = {p.name: p for p in (LRUPolicy, LFUPolicy, BeladyPolicy)}
+POLICIES: dict[str, type[CachePolicy]] = {
+    p.name: p for p in (LRUPolicy, LFUPolicy, LayerDistancePolicy, BeladyPolicy)}
 
 
 def make_policy(name: str, **kwargs) -> CachePolicy:
@@ -17,4 +19,5 @@ def make_policy(name: str, **kwargs) -> CachePolicy:
     return POLICIES[name](**kwargs)
 
 
-__all__ = ["BeladyPolicy", "CachePolicy", "ExpertKey", "LFUPolicy", "LRUPolicy", "POLICIES", "make_policy"]
+__all__ = ["BeladyPolicy", "CachePolicy", "ExpertKey", "LFUPolicy", "LRUPolicy", "LayerDistancePolicy", "POLICIES",
+           "make_policy"]
