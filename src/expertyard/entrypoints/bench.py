@@ -156,6 +156,8 @@ def run_offloaded(args, batch_sizes: list[int]) -> int:
                 row["vs_bound"] = row["expertyard"]["decode_ms_per_step"] / bound_ms
             row["achieved_h2d_GBps"] = row["offload"]["bytes_per_token"] * row["expertyard"]["decode_tokens_per_s"] / 1e9
         result["runs"].append(row)
+    if args.timeline and backend.timeline is not None:
+        backend.timeline.write(args.timeline)
     if args.compare == "accelerate" and device.type == "cuda":
         result["accelerate"] = compare_accelerate(engine, plan, args, result["runs"][0])
     if args.out:

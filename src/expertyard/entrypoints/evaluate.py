@@ -10,13 +10,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from expertyard.engine.llm_engine import LLMEngine
-from expertyard.entrypoints.common import add_model_args, engine_from_args
+from expertyard.entrypoints.common import add_model_args, add_offload_args, engine_from_args
 from expertyard.errors import ConfigError
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="perplexity of a text file", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(p)
+    add_offload_args(p)
     p.add_argument("--text", type=Path, required=True, help="UTF-8 text file")
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
     p.add_argument("--window", type=int, default=None, help="context window (default: max model length)")
@@ -57,8 +58,16 @@ def run(args) -> int:
     window = min(args.window or engine.max_model_len, engine.max_model_len)
     result = perplexity(engine, tokens, window, args.stride or max(window // 2, 1), progress=not args.json)
     result |= {"text": str(args.text), "window": window}
+    if args.offload:
+        result["offload"] = engine.model.experts.report(result["tokens"])
+        if args.timeline:
+            engine.model.experts.timeline.write(args.timeline)
     if args.json:
         print(json.dumps(result))
     else:
         print(f"perplexity {result['perplexity']:.3f} over {result['tokens']} tokens (window {window})")
+        if args.offload and args.stats:
+            from expertyard.entrypoints.generate import format_stats
+
+            print(format_stats(result["offload"]))
     return 0
