@@ -143,26 +143,33 @@ class LLMEngine:
                 progress(seqs)
         return seqs
 
-    @torch.inference_mode()
     def score(self, token_ids: list[int]) -> torch.Tensor:
         """Log-probability of each token given the ones before it: [len - 1] float32 (eval, echo)."""
+        return self.prompt_logprobs(token_ids)[0]
+
+    @torch.inference_mode()
+    def prompt_logprobs(self, token_ids: list[int], top: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Log-probabilities of a prompt's own tokens, each given the ones before it, and the `top` most likely
+        tokens at each position: (chosen [L - 1], top values [L - 1, top], top ids [L - 1, top]), on the CPU.
+        Runs in the KV cache's scratch row, so it can be called between steps while every slot is busy."""
         from expertyard.engine.scheduler import ScheduledSpan, ScheduledStep
 
         if len(token_ids) > self.max_model_len:
             raise RequestError(f"{len(token_ids)} tokens exceed max_model_len={self.max_model_len}")
         seq = Sequence(prompt_token_ids=list(token_ids), params=SamplingParams())
-        seq.slot = self.scheduler.free_slots[-1] if self.scheduler.free_slots else None
-        if seq.slot is None:
-            raise RuntimeError("score() needs a free KV slot; call it while the engine is idle")
-        logp = []
+        seq.slot = self.config.max_num_seqs  # the scratch row (padded CUDA-graph rows write there only mid-step)
+        chosen, values, ids = [], [], []
         for start in range(0, len(token_ids), self.config.max_num_batched_tokens):
             n = min(self.config.max_num_batched_tokens, len(token_ids) - start)
             logits = self.runner.run(ScheduledStep(prefills=[ScheduledSpan(seq, start, n)], decodes=[]),
-                                     all_logits=True)
-            logp.append(logits.log_softmax(dim=-1))
-        logp = torch.cat(logp)[:-1]  # [len - 1, V]
-        targets = torch.tensor(token_ids[1:], device=logp.device)
-        return logp.gather(1, targets[:, None]).squeeze(1).float().cpu()
+                                     all_logits=True)  # [n, V]
+            logp = logits.log_softmax(dim=-1)[: len(token_ids) - 1 - start]  # positions that predict a next token
+            targets = torch.tensor(token_ids[start + 1:start + 1 + logp.shape[0]], device=logp.device)
+            chosen.append(logp.gather(1, targets[:, None]).squeeze(1).float().cpu())
+            top_v, top_i = logp.topk(top, dim=-1) if top > 0 else (logp[:, :0], targets[:, None][:, :0])
+            values.append(top_v.float().cpu())
+            ids.append(top_i.cpu())
+        return torch.cat(chosen), torch.cat(values), torch.cat(ids)
 
 
 def _eos_ids(model_dir: Path | None, tokenizer) -> set[int]:

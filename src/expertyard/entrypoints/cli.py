@@ -10,17 +10,20 @@ from expertyard.errors import ExpertyardError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from expertyard.entrypoints import bench, evaluate, generate, simulate_cmd, trace_cmd
+    from expertyard.entrypoints import bench, bench_serving, evaluate, generate, serve_cmd, simulate_cmd, trace_cmd
 
     parser = argparse.ArgumentParser(prog="expertyard", description="Fast inference for Mixture-of-Experts models")
     parser.add_argument("--version", action="version", version=f"expertyard {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (generate, evaluate, bench, trace_cmd, simulate_cmd):
+    for module in (generate, evaluate, bench, trace_cmd, simulate_cmd, serve_cmd, bench_serving):
         module.add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["bench", "serving"]:  # `expertyard bench serving` is the bench-serving command
+        argv = ["bench-serving", *argv[2:]]
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

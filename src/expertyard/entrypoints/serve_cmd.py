@@ -1,0 +1,73 @@
+"""`expertyard serve`: the OpenAI-compatible HTTP server (docs/serving.md)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+from expertyard.entrypoints.common import add_model_args, add_offload_args, engine_from_args
+from expertyard.errors import ConfigError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(p, synthetic=True)
+    add_offload_args(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api-key", default=os.environ.get("EXPERTYARD_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $EXPERTYARD_API_KEY, else none)")
+    g.add_argument("--served-model-name", default=None,
+                   help="the name clients send as 'model' (default: the model directory's name, the synthetic "
+                        "name, or tiny-moe)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="tokens one engine step may compute; longer prompts are prefilled in chunks")
+    g.add_argument("--max-request-bytes", type=int, default=16 * 2**20, help="larger bodies get 413")
+    g.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT, seconds to let in-flight requests finish before aborting them")
+    g.add_argument("--warmup", choices=["auto", "on", "off"], default="auto",
+                   help="before serving, run prompts of every size a step can hold, so that kernel compiles happen "
+                        "at start-up and not under load (auto: on CUDA only)")
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=run, max_num_seqs=32)
+
+
+def served_name(args) -> str:
+    if args.served_model_name:
+        return args.served_model_name
+    if getattr(args, "synthetic", None):
+        return args.synthetic
+    return args.model.resolve().name if args.model else "tiny-moe"
+
+
+def run(args) -> int:
+    try:
+        import uvicorn
+
+        from expertyard.server import build_app
+    except ImportError as e:
+        raise ConfigError(f"the server needs its extra dependencies ({e.name} is missing): "
+                          "pip install 'expertyard[serve]'") from None
+    if not 0 <= args.port < 65536:
+        raise ConfigError(f"--port {args.port} must be in 0..65535")
+    if args.max_request_bytes < 1024:
+        raise ConfigError(f"--max-request-bytes {args.max_request_bytes} must be >= 1024")
+    engine = engine_from_args(args, max_num_batched_tokens=args.max_num_batched_tokens)
+    if args.warmup == "on" or (args.warmup == "auto" and engine.device.type == "cuda"):
+        from expertyard.server.warmup import warm_up
+
+        print(f"expertyard serve: warm-up took {warm_up(engine):.1f} s", file=sys.stderr, flush=True)
+        if hasattr(engine.model.experts, "reset_stats") and getattr(engine.model.experts, "state", None):
+            engine.model.experts.reset_stats()  # the expert cache metrics start at the first request
+    app = build_app(engine, served_name(args), api_key=args.api_key or None, max_body_bytes=args.max_request_bytes)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.shutdown_timeout, access_log=args.log_level == "debug")
+    # uvicorn catches SIGTERM/SIGINT (stop accepting, finish in-flight requests, then the lifespan stops the
+    # engine) and re-raises the signal once done: a no-op handler makes that clean stop exit with status 0
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    uvicorn.Server(config).run()
+    return 0
