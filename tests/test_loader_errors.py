@@ -240,3 +240,13 @@ def test_fused_expert_tensor_in_a_dense_layer_is_named(tiny_checkpoint, tmp_path
     with pytest.raises(CheckpointError) as e:
         _load(tmp_path / "ckpt")
     assert name in str(e.value) and "model.safetensors" in str(e.value)
+
+
+def test_expertyard_files_beside_a_single_file_model_are_not_read_as_weights(tiny_checkpoint, tmp_path):
+    path, _ = tiny_checkpoint("qwen3_moe")
+    d = tmp_path / "m"
+    shutil.copytree(path, d)
+    save_file({"layer.0.weight": torch.zeros(2, 2)}, d / "pregate.safetensors")
+    save_file({"layer.0.expert.0": torch.zeros(4, dtype=torch.uint8)}, d / "experts.int4.safetensors")
+    loaded = load_model(d, "cpu", torch.float32, progress=False)
+    assert loaded.config.architecture == "Qwen3MoeForCausalLM"

@@ -24,8 +24,12 @@ def read_hf_config(model_dir: Path):
         raise CheckpointError(f"{model_dir / 'config.json'}: cannot be read by transformers: {e}") from e
 
 
+AUXILIARY_PREFIXES = ("pregate", "experts.")  # files expertyard writes beside a model: not model weights
+
+
 def checkpoint_files(model_dir: Path) -> list[Path]:
-    """The shard files, from model.safetensors.index.json when present, else every *.safetensors."""
+    """The shard files: from model.safetensors.index.json when present, else model.safetensors, else every
+    *.safetensors that is not one of expertyard's own files (a trained predictor, quantized experts)."""
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -37,7 +41,9 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
         if missing:
             raise CheckpointError(f"{model_dir}: shard(s) listed in {index.name} are missing: {', '.join(missing)}")
         return files
-    files = sorted(model_dir.glob("*.safetensors"))
+    if (model_dir / "model.safetensors").is_file():
+        return [model_dir / "model.safetensors"]
+    files = [f for f in sorted(model_dir.glob("*.safetensors")) if not f.name.startswith(AUXILIARY_PREFIXES)]
     if not files:
         raise CheckpointError(f"{model_dir}: no *.safetensors files (expertyard loads safetensors checkpoints only)")
     return files
