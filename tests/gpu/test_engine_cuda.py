@@ -56,7 +56,7 @@ def test_cuda_graph_decode_equals_eager_decode(arch, tiny_checkpoint):
     eager = _engine(path, torch.float32, graphs=False).generate(_prompts(), params)
     graphed_engine = _engine(path, torch.float32, graphs=True)
     graphed = graphed_engine.generate(_prompts(), params)
-    assert graphed_engine.runner.graphs.graphs, "no CUDA graph was captured"
+    assert graphed_engine.runner.graphs.entries, "no CUDA graph was captured"
     assert [s.output_token_ids for s in graphed] == [s.output_token_ids for s in eager]
     for a, b in zip(graphed, eager):
         torch.testing.assert_close(torch.tensor([x["logprob"] for x in a.logprobs]),

@@ -23,24 +23,28 @@ def _buckets(limit: int, first: list[int]) -> list[int]:
     return out
 
 
-class DecodeGraphs:
+class BucketedDecodeGraphs:
+    """Static decode inputs per (batch bucket, context-length bucket), captured lazily; subclasses say what is
+    captured (`_capture`) and how it is replayed (`_replay`)."""
+
     def __init__(self, model: CausalLM, kv_cache: list[list[torch.Tensor]], max_batch: int, max_len: int,
                  scratch_slot: int):
         self.model, self.kv_cache, self.scratch_slot = model, kv_cache, scratch_slot
         self.batch_buckets = _buckets(max_batch, [1, 2, 4, 8, 16, 24, 32, 48, 64])
         self.len_buckets = _buckets(max_len, [256])
         self.pool = None
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor]] = {}
+        self.entries: dict[tuple[int, int], tuple[object, dict[str, torch.Tensor]]] = {}
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
             context_lens: torch.Tensor, max_context: int) -> torch.Tensor:
-        """Inputs [B] on the device -> logits [B, V] (a view of the graph's static output)."""
+        """Inputs [B] on the device -> logits [B, V] (a view of static graph output)."""
         b = input_ids.shape[0]
         bb = self.batch_buckets[bisect.bisect_left(self.batch_buckets, b)]
         lb = self.len_buckets[bisect.bisect_left(self.len_buckets, max_context)]
-        if (bb, lb) not in self.graphs:
-            self.graphs[(bb, lb)] = self._capture(bb, lb)
-        graph, bufs, logits = self.graphs[(bb, lb)]
+        if (bb, lb) not in self.entries:
+            bufs, meta = self._static_inputs(bb, lb)
+            self.entries[(bb, lb)] = (self._capture(bb, bufs, meta), bufs)
+        captured, bufs = self.entries[(bb, lb)]
         bufs["input_ids"][:b].copy_(input_ids)
         bufs["positions"][:b].copy_(positions)
         bufs["slots"][:b].copy_(slots)
@@ -49,10 +53,9 @@ class DecodeGraphs:
             bufs["slots"][b:].fill_(self.scratch_slot)
             bufs["positions"][b:].zero_()
             bufs["context_lens"][b:].fill_(1)
-        graph.replay()
-        return logits[:b]
+        return self._replay(captured, bufs, b, bb)
 
-    def _capture(self, bb: int, lb: int):
+    def _static_inputs(self, bb: int, lb: int) -> tuple[dict[str, torch.Tensor], AttentionMetadata]:
         device = self.kv_cache[0][0].device
         bufs = {
             "input_ids": torch.zeros(bb, dtype=torch.long, device=device),
@@ -63,18 +66,37 @@ class DecodeGraphs:
         meta = AttentionMetadata(token_slots=bufs["slots"], positions=bufs["positions"], prefills=[],
                                  num_prefill_tokens=0, decode_slots=bufs["slots"],
                                  decode_context_lens=bufs["context_lens"], decode_max_len=lb)
+        return bufs, meta
 
-        def step():
-            return self.model.compute_logits(self.model(bufs["input_ids"], meta, self.kv_cache))
-
+    def _graph(self, fn):
+        """Warm `fn` up on a side stream (lazy init and compilation must not happen during capture), then
+        capture it into a graph sharing this object's memory pool: (graph, its static output)."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up: kernel autotuning and lazy init must not happen during capture
-                step()
+            for _ in range(2):
+                fn()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = step()
+            out = fn()
         self.pool = graph.pool()
-        return graph, bufs, logits
+        return graph, out
+
+    def _capture(self, bb: int, bufs: dict, meta: AttentionMetadata):
+        raise NotImplementedError
+
+    def _replay(self, captured, bufs: dict, b: int, bb: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class DecodeGraphs(BucketedDecodeGraphs):
+    """A whole decode step in one graph (backends that never sync with the host)."""
+
+    def _capture(self, bb: int, bufs: dict, meta: AttentionMetadata):
+        return self._graph(lambda: self.model.compute_logits(self.model(bufs["input_ids"], meta, self.kv_cache)))
+
+    def _replay(self, captured, bufs: dict, b: int, bb: int) -> torch.Tensor:
+        graph, logits = captured
+        graph.replay()
+        return logits[:b]

@@ -10,12 +10,11 @@ launch overhead only for the expert work itself.
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass, field
 
 import torch
 
-from expertyard.engine.cuda_graph import _buckets
+from expertyard.engine.cuda_graph import BucketedDecodeGraphs
 from expertyard.layers.attention_metadata import AttentionMetadata
 from expertyard.layers.moe import SparseMoeBlock
 from expertyard.models.base import CausalLM
@@ -31,31 +30,13 @@ class _Segment:
     out: dict = field(default_factory=dict)  # static outputs: h_res, x, ids, w, preds | logits
 
 
-class PiecewiseDecodeGraphs:
+class PiecewiseDecodeGraphs(BucketedDecodeGraphs):
     def __init__(self, model: CausalLM, kv_cache: list[list[torch.Tensor]], max_batch: int, max_len: int,
                  scratch_slot: int):
-        self.model, self.kv_cache, self.scratch_slot = model, kv_cache, scratch_slot
-        self.batch_buckets = _buckets(max_batch, [1, 2, 4, 8, 16, 24, 32, 48, 64])
-        self.len_buckets = _buckets(max_len, [256])
-        self.pool = None
-        self.entries: dict[tuple[int, int], tuple[list[_Segment], dict]] = {}
+        super().__init__(model, kv_cache, max_batch, max_len, scratch_slot)
         self.moe_layers = [i for i, l in enumerate(model.layers) if isinstance(l.mlp, SparseMoeBlock)]
 
-    def run(self, input_ids, positions, slots, context_lens, max_context) -> torch.Tensor:
-        b = input_ids.shape[0]
-        bb = self.batch_buckets[bisect.bisect_left(self.batch_buckets, b)]
-        lb = self.len_buckets[bisect.bisect_left(self.len_buckets, max_context)]
-        if (bb, lb) not in self.entries:
-            self.entries[(bb, lb)] = self._capture(bb, lb)
-        segments, bufs = self.entries[(bb, lb)]
-        bufs["input_ids"][:b].copy_(input_ids)
-        bufs["positions"][:b].copy_(positions)
-        bufs["slots"][:b].copy_(slots)
-        bufs["context_lens"][:b].copy_(context_lens)
-        if b < bb:
-            bufs["slots"][b:].fill_(self.scratch_slot)
-            bufs["positions"][b:].zero_()
-            bufs["context_lens"][b:].fill_(1)
+    def _replay(self, segments: list[_Segment], bufs: dict, b: int, bb: int) -> torch.Tensor:
         if self.model.forced_routing is not None:
             self.model.forced_routing.begin_step(b, padded_to=bb)
         backend = self.model.experts
@@ -103,33 +84,17 @@ class PiecewiseDecodeGraphs:
 
         return fn
 
-    def _capture(self, bb: int, lb: int):
-        device = self.kv_cache[0][0].device
+    def _capture(self, bb: int, bufs: dict, meta: AttentionMetadata) -> list[_Segment]:
         model = self.model
-        bufs = {name: torch.zeros(bb, dtype=torch.long, device=device)
-                for name in ("input_ids", "positions", "slots", "context_lens")}
-        bufs["slots"].fill_(self.scratch_slot)
-        bufs["context_lens"].fill_(1)
         segments = self._plan()
         param = next(model.parameters())
         for k in range(1, len(segments)):
-            bufs[f"h_in{k}"] = torch.zeros(bb, model.cfg.hidden_size, dtype=param.dtype, device=device)
-        meta = AttentionMetadata(token_slots=bufs["slots"], positions=bufs["positions"], prefills=[],
-                                 num_prefill_tokens=0, decode_slots=bufs["slots"],
-                                 decode_context_lens=bufs["context_lens"], decode_max_len=lb)
+            bufs[f"h_in{k}"] = torch.zeros(bb, model.cfg.hidden_size, dtype=param.dtype, device=param.device)
         if model.forced_routing is not None:
             model.forced_routing.begin_step(0, padded_to=bb)  # allocate this bucket's row buffer
         fns = [self._segment_fn(k, seg, bufs, meta) for k, seg in enumerate(segments)]
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up outside capture (cuBLAS handles, lazy init); the backend is not run
-                for fn in fns:
-                    fn()
-        torch.cuda.current_stream(device).wait_stream(stream)
+        for fn in fns:  # warm every segment in order first: later ones read earlier ones' outputs
+            fn()
         for seg, fn in zip(segments, fns):
-            seg.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(seg.graph, pool=self.pool):
-                seg.out = fn()
-            self.pool = seg.graph.pool()
-        return segments, bufs
+            seg.graph, seg.out = self._graph(fn)
+        return segments
