@@ -99,13 +99,17 @@ def run(args) -> int:
         result["batch1_achieved_GBps"] = result["active_bytes_per_token"] * first["expertyard"]["decode_tokens_per_s"] / 1e9
     if device.type == "cuda":
         result["peak_memory_GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return _emit(result, args, print_table)
 
+
+def _emit(result: dict, args, print_fn) -> int:
+    """Write the result to --out, and print it as JSON or as a table."""
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
     if args.json:
         print(json.dumps(result))
     else:
-        print_table(result)
+        print_fn(result)
     return 0
 
 
@@ -160,13 +164,7 @@ def run_offloaded(args, batch_sizes: list[int]) -> int:
         backend.timeline.write(args.timeline)
     if args.compare == "accelerate" and device.type == "cuda":
         result["accelerate"] = compare_accelerate(engine, plan, args, result["runs"][0])
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2))
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print_offload_table(result)
-    return 0
+    return _emit(result, args, print_offload_table)
 
 
 def compare_accelerate(engine: LLMEngine, plan, args, first_run: dict) -> dict:
