@@ -33,6 +33,7 @@ class BucketedDecodeGraphs:
         self.batch_buckets = _buckets(max_batch, [1, 2, 4, 8, 16, 24, 32, 48, 64])
         self.len_buckets = _buckets(max_len, [256])
         self.pool = None
+        self._side_stream = None
         self.entries: dict[tuple[int, int], tuple[object, dict[str, torch.Tensor]]] = {}
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
@@ -71,7 +72,9 @@ class BucketedDecodeGraphs:
     def _graph(self, fn):
         """Warm `fn` up on a side stream (lazy init and compilation must not happen during capture), then
         capture it into a graph sharing this object's memory pool: (graph, its static output)."""
-        stream = torch.cuda.Stream()
+        if self._side_stream is None:  # one stream for every warm-up: the allocator reuses blocks per stream
+            self._side_stream = torch.cuda.Stream()
+        stream = self._side_stream
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):

@@ -92,9 +92,6 @@ class PiecewiseDecodeGraphs(BucketedDecodeGraphs):
             bufs[f"h_in{k}"] = torch.zeros(bb, model.cfg.hidden_size, dtype=param.dtype, device=param.device)
         if model.forced_routing is not None:
             model.forced_routing.begin_step(0, padded_to=bb)  # allocate this bucket's row buffer
-        fns = [self._segment_fn(k, seg, bufs, meta) for k, seg in enumerate(segments)]
-        for fn in fns:  # warm every segment in order first: later ones read earlier ones' outputs
-            fn()
-        for seg, fn in zip(segments, fns):
-            seg.graph, seg.out = self._graph(fn)
+        for k, seg in enumerate(segments):  # in order: a segment reads the static outputs of earlier ones
+            seg.graph, seg.out = self._graph(self._segment_fn(k, seg, bufs, meta))
         return segments
