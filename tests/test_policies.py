@@ -166,8 +166,8 @@ class Checked:
 @settings(max_examples=60, deadline=None)
 @given(case=visit_traces(max_visits=30), data=st.data())
 def test_cache_state_invariants_with_prefetch(policy, case, data):
-    """Slots unique and in range, capacity respected, protected experts never evicted, predictions kept until
-    their layer runs."""
+    """Slots unique and in range, capacity respected, protected experts never evicted (the policy only ever sees
+    unprotected candidates), no protection left behind by a finished layer."""
     visits, capacity, k = case
     layers = 1 + max(layer for layer, _ in visits)
     experts = 1 + max(e for _, es in visits for e in es)
@@ -178,14 +178,13 @@ def test_cache_state_invariants_with_prefetch(policy, case, data):
         predicted = data.draw(st.lists(st.tuples(st.integers(layer + 1, layer + 2), st.integers(0, experts - 1)),
                                        max_size=2 * k))
         predicted = [key for key in predicted if key[0] < layers]
-        waiting = {key for key in state.protected if key[0] != layer}  # predictions for later layers
         load_first = data.draw(st.booleans())  # the engine's path when a step's pairs exceed the cache
         before = state.counters.misses + state.counters.hits
-        released = visit(state, layer, used, predicted, now, pairs=capacity + 1 if load_first else len(used),
-                         top_k=k)
+        released, loads = visit(state, layer, used, predicted, now, pairs=capacity + 1 if load_first else len(used),
+                                top_k=k)
+        assert all(ld.prefetch and ld.key in predicted and ld.key in state.resident for ld in loads)
         assert state.counters.misses + state.counters.hits == before + len(used)
-        if not released:
-            assert waiting <= set(state.resident)
+        assert load_first or not released
         assert len(state.resident) <= capacity
         slots = list(state.resident.values())
         assert len(set(slots)) == len(slots) and all(0 <= s < capacity for s in slots)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -146,7 +147,12 @@ def test_oracle_prefetch_is_exact_and_belady_bounds_demand_misses():
     assert base["belady"].misses <= min(base["lru"].misses, base["lfu"].misses)
     oracle = simulate(t, "lru", cap, Predictions.oracle(2))
     assert oracle.prefetches > 0 and oracle.prefetch_hits == oracle.prefetches  # never wrong, never evicted
+    assert oracle.prefetch_hits_on_time == oracle.prefetches
     assert oracle.misses < base["lru"].misses
+    for depth in (1, 2, 3):  # prefetching moves no fewer experts than Belady's demand misses
+        for policy in ("lru", "lfu"):
+            r = simulate(t, policy, cap, Predictions.oracle(depth))
+            assert r.misses + r.prefetches >= base["belady"].misses
     s = oracle.summary(expert_bytes=100)
     assert s["prefetch_precision"] == 1.0 and s["bytes_per_token"] == 100 * (oracle.misses + oracle.prefetches) / 200
 
@@ -250,7 +256,7 @@ def test_split_documents():
 
 
 # ---- commands -----------------------------------------------------------------------------------------------
-def test_trace_and_simulate_commands_on_the_bundled_model(tmp_path, capsys):
+def test_trace_and_simulate_commands_on_the_bundled_model(tmp_path, capsys, monkeypatch):
     text = tmp_path / "t.txt"
     text.write_text("Once upon a time there was a cat.<|endoftext|>The dog ran to the park and played.\n"
                     "<|endoftext|>Lily and Tom went home.")
@@ -266,6 +272,9 @@ def test_trace_and_simulate_commands_on_the_bundled_model(tmp_path, capsys):
         r = json.loads(capsys.readouterr().out)
         assert r["expert_bytes"] == 3 * 256 * 256 * 2 and r["result"]["prefetches"] > 0
         assert r["belady_bound"]["policy"] == "belady" and r["belady_bound"]["prefetches"] == 0
+    monkeypatch.setitem(sys.modules, "expertyard.experts.predictors.trained", None)  # as if not installed
+    assert main(["simulate", "--trace", str(out), "--cache-experts", "8", "--predictor", "trained"]) == 2
+    assert "trained predictor is not available" in capsys.readouterr().err
     assert main(["simulate", "--trace", str(out), "--sweep", "--batch-size", "2"]) == 0
     table = capsys.readouterr().out
     assert table.count("lfu ") == 3 and "belady (bound, no prediction)" in table and "MB/token" in table

@@ -33,12 +33,14 @@ def add_parser(sub) -> None:
                    help="prefetch: oracle = the true experts of the next layers (an upper bound); next-gate, "
                         "trained = the engine's predictors on the trace's hidden states (needs --save-hidden)")
     p.add_argument("--prefetch-depth", type=int, default=1, help="MoE layers ahead to prefetch (1..3)")
+    p.add_argument("--predictor-path", type=Path, default=None,
+                   help="trained predictor file; None: pregate.safetensors beside the model")
     p.add_argument("--model", type=Path, default=None,
-                   help="model directory for next-gate/trained predictors and expert size (default: bundled)")
+                   help="model directory for next-gate/trained predictors and the expert size; None: the bundled model")
     p.add_argument("--batch-size", type=int, default=1, help="sequences decoded together (union of experts)")
     p.add_argument("--max-tokens", type=int, default=None, help="replay only the first N tokens")
     p.add_argument("--expert-bytes", type=int, default=None,
-                   help="bytes of one expert (default: bf16 3*D*I of --model or of the trace's model if known)")
+                   help="bytes of one expert; None: bf16 3*D*I of --model, or of the trace's model if known")
     p.add_argument("--jobs", type=int, default=1, help="simulations run in parallel processes")
     p.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
     p.set_defaults(func=run)
@@ -123,7 +125,12 @@ def load_predictions(trace: Trace, args) -> Predictions | None:
             raise ConfigError("the trained predictor is not available in this installation "
                               f"(expertyard.experts.predictors.trained: {e}); use next-gate or oracle") from e
         load = TrainedPredictor.load
-        kwargs = {"depth": args.prefetch_depth} if "depth" in inspect.signature(load).parameters else {}
+        params = inspect.signature(load).parameters
+        kwargs = {"depth": args.prefetch_depth} if "depth" in params else {}
+        if args.predictor_path is not None:
+            if "path" not in params:
+                raise ConfigError("this trained predictor cannot load from --predictor-path; put it beside the model")
+            kwargs["path"] = args.predictor_path
         predictor = load(path, loaded.model, **kwargs)
     return predict_trace(predictor, trace, list(cfg.moe_layers))
 
@@ -181,17 +188,18 @@ def _header(o: dict) -> str:
 
 def _row(label: str, r: dict, with_bytes: bool) -> str:
     prec = "-" if r["prefetch_precision"] is None else f"{r['prefetch_precision']:.3f}"
+    on_time = "-" if r["prefetch_precision"] is None else f"{r['prefetch_precision_on_time']:.3f}"
     recall = "-" if not r["prefetches"] else f"{r['prefetch_recall']:.3f}"
     traffic = f"{r['bytes_per_token'] / 1e6:10.2f}" if with_bytes else f"{r['loads_per_token']:10.2f}"
     return (f"{label:<34} {r['capacity']:>6} {100 * r['cache_fraction']:6.1f}% {r['hit_rate']:8.4f} "
-            f"{r['misses_per_token']:12.2f} {traffic} {prec:>9} {recall:>7}")
+            f"{r['misses_per_token']:12.2f} {traffic} {prec:>9} {on_time:>7} {recall:>7}")
 
 
 def print_report(o: dict) -> None:
     with_bytes = o["expert_bytes"] is not None
     print(_header(o))
     print(f"{'':<34} {'slots':>6} {'cache':>7} {'hit rate':>8} {'misses/token':>12} "
-          f"{'MB/token' if with_bytes else 'loads/tok':>10} {'prefetch':>9} {'recall':>7}")
+          f"{'MB/token' if with_bytes else 'loads/tok':>10} {'prefetch':>9} {'on time':>7} {'recall':>7}")
     rows = o["sweep"] if "sweep" in o else [o["result"], o["belady_bound"]]
     for i, r in enumerate(rows):
         if r["predictor"] == "none":
@@ -202,5 +210,5 @@ def print_report(o: dict) -> None:
         print(_row(label, r, with_bytes))
     if any(r["predictor"] == "oracle" for r in rows):
         print("oracle prefetch knows the true experts of the next layers: an upper bound for any predictor")
-    print("prefetch = precision (prefetch hits / prefetches), recall = prefetch hits / accesses; "
-          "traffic counts misses + prefetches")
+    print("prefetch = precision (prefetch hits / prefetches; a hit may come visits later), on time = used by the "
+          "visit predicted for; recall = prefetch hits / accesses; traffic counts misses + prefetches")

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from expertyard.errors import ConfigError, ExpertyardError
-from expertyard.experts.cache_state import ExpertCacheState
+from expertyard.experts.cache_state import ExpertCacheState, Load
 from expertyard.experts.policies import make_policy
 from expertyard.trace.format import Trace
 
@@ -60,7 +60,8 @@ class SimResult:
     prefetches: int
     prefetch_hits: int
     wasted_prefetches: int
-    prefetch_releases: int = 0  # visits whose experts needed the slots of protected predictions
+    prefetch_hits_on_time: int = 0  # prefetched experts used by the very visit they were predicted for
+    prefetch_releases: int = 0  # load-first visits that released the predictions to fit their experts
 
     @property
     def accesses(self) -> int:
@@ -72,6 +73,7 @@ class SimResult:
             "accesses": acc, "hit_rate": self.hits / acc, "miss_rate": self.misses / acc,
             "misses_per_token": self.misses / n, "loads_per_token": (self.misses + self.prefetches) / n,
             "prefetch_precision": self.prefetch_hits / self.prefetches if self.prefetches else None,
+            "prefetch_precision_on_time": self.prefetch_hits_on_time / self.prefetches if self.prefetches else None,
             "prefetch_recall": self.prefetch_hits / acc}
         if expert_bytes is not None:
             out["bytes_per_token"] = out["loads_per_token"] * expert_bytes
@@ -192,29 +194,23 @@ def _lists(trace: Trace, predictions: Predictions | None, start: int, end: int) 
 
 
 def visit(state: ExpertCacheState, layer: int, experts: list[int], predicted: list[tuple[int, int]],
-          now: int, pairs: int, top_k: int) -> bool:
+          now: int, pairs: int, top_k: int) -> tuple[bool, list[Load]]:
     """One MoE layer visit, as `OffloadedExperts.forward_routed` makes it (`pairs` = tokens x top_k): the
-    experts accessed (in groups that fit when the pairs exceed the cache, its load-first path), the visit
-    ended, then the predictions prefetched. Returns whether protected predictions were released to make room.
-
-    Where the engine's GPU path would find every slot protected by predictions (access() raises), the
-    simulator releases them as the load-first path does, and counts it."""
+    experts accessed, the visit ended, the predictions prefetched; when the pairs exceed the cache, its
+    load-first path (predictions released if the experts would not fit, experts accessed in groups that fit).
+    Returns whether that path released the predictions, and the prefetch loads."""
     released = False
-    if pairs > state.capacity:  # load-first: predictions yield to the experts needed now
+    room = len(experts)
+    if pairs > state.capacity:
         released = len(experts) > state.capacity - len(state.protected)
-    elif state.protected:
-        need = sum(1 for e in experts if (layer, e) not in state.protected)
-        released = need > state.capacity - len(state.protected)
-    if released:
-        state.release_prefetched()
-    room = max(top_k, state.capacity - len(state.protected)) if pairs > state.capacity else len(experts)
+        if released:
+            state.release_prefetched()
+        room = max(top_k, state.capacity - len(state.protected))
     for start in range(0, len(experts), room):
         group = experts[start:start + room]
         state.access(layer, group, now)
         state.end_visit(layer, group)
-    if predicted:
-        state.prefetch(predicted, now)
-    return released
+    return released, state.prefetch(predicted, now) if predicted else []
 
 
 def simulate(trace: Trace, policy: str, capacity: int, predictions: Predictions | None = None,
@@ -226,14 +222,20 @@ def simulate(trace: Trace, policy: str, capacity: int, predictions: Predictions 
     if policy == "belady":
         kwargs["future"] = ((layer, experts) for layer, experts, _, _ in visits(trace, batch_size))
     state = ExpertCacheState(capacity, make_policy(policy, **kwargs))
-    now, releases, k = -1, 0, trace.top_k
+    now, releases, on_time, k = -1, 0, 0, trace.top_k
+    waiting: dict[int, set[int]] = {}  # layer -> experts prefetched for its next visit
     for now, (layer, experts, predicted, tokens) in enumerate(visits(trace, batch_size, predictions)):
-        releases += visit(state, layer, experts, predicted, now, tokens * k, k)
+        if layer in waiting:
+            on_time += len(waiting.pop(layer).intersection(experts))
+        released, loads = visit(state, layer, experts, predicted, now, tokens * k, k)
+        releases += released
+        for load in loads:
+            waiting.setdefault(load.key[0], set()).add(load.key[1])
     c = state.counters
     name = predictor_name or ("none" if predictions is None else "oracle" if predictions.ids is None else "?")
     return SimResult(policy, capacity, name, predictions.depth if predictions else 0, batch_size,
                      trace.num_tokens, now + 1, c.hits, c.misses, c.prefetches, c.prefetch_hits,
-                     c.wasted_prefetches, releases)
+                     c.wasted_prefetches, on_time, releases)
 
 
 _JOB_STATE: dict = {}
