@@ -24,12 +24,12 @@ Interpreted (TRITON_INTERPRET=1, CPU tensors) the same kernels run without the i
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from expertyard.kernels.fused_moe_triton import _num_sms
 from expertyard.kernels.moe_align import max_blocks, moe_align
 from expertyard.quant.packed_expert import ExpertLayout
 
@@ -237,11 +237,6 @@ def _qdown_kernel(h_ptr, pool_ptr, pool16_ptr, out_ptr, topk_w_ptr, sorted_ids_p
         tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
     else:
         tl.store(out_ptrs, acc, mask=mask)
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def min_group_size(bits: int) -> int:
