@@ -3,7 +3,7 @@ and the trace simulator, so that a simulated policy is exactly the engine's.
 
 A visit: the experts a MoE layer uses now are `access`ed (hits counted, misses loaded into slots, evicting by
 the policy) and protected until the visit ends; predicted experts of later layers are `prefetch`ed and stay
-protected until they are used or a later prediction replaces them.
+protected until their layer's visit ends (or a demand load needs the slot).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ class CacheCounters:
     hits: int = 0
     misses: int = 0
     prefetches: int = 0  # loads started by a prediction
-    prefetch_hits: int = 0  # accesses served by an expert a prediction loaded (first use only)
-    wasted_prefetches: int = 0  # prefetched experts evicted before any use
+    prefetch_hits: int = 0  # accesses served, at the visit it was predicted for, by an expert a prediction loaded
+    wasted_prefetches: int = 0  # predicted experts that visit did not use (they stay resident as plain entries)
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -101,8 +101,10 @@ class ExpertCacheState:
         """The visit is over: its experts, and predictions for this layer that it did not use, may be evicted."""
         for e in experts:
             self.protected.discard((layer, e))
-        for key in [k for k in self._prefetched_unused if k[0] == layer]:
+        for key in [k for k in self._prefetched_unused if k[0] == layer]:  # mispredicted: plain residents now
             self.protected.discard(key)
+            self._prefetched_unused.discard(key)
+            self.counters.wasted_prefetches += 1
 
     def prefetch(self, keys: list[ExpertKey], now: int) -> list[Load]:
         """Load predicted experts that are not resident, while free or unprotected slots last; protect them
