@@ -17,6 +17,7 @@ from expertyard.engine.sampling_params import SamplingParams
 from expertyard.entrypoints.common import (add_model_args, add_offload_args, engine_from_args, load_from_args,
                                           resolve_device)
 from expertyard.errors import ConfigError
+from expertyard.loader.load import LoadedModel
 
 
 def add_parser(sub) -> None:
@@ -172,7 +173,7 @@ def compare_accelerate(engine: LLMEngine, plan, args, first_run: dict) -> dict:
     from expertyard.bench.accelerate_baseline import accelerate_decode, accelerate_offloaded_model
 
     # max_memory is accelerate's planning limit, so expertyard's own allocations may stay while it runs
-    loaded = type("Loaded", (), {"config": engine.model_config, "model": engine.model})()
+    loaded = LoadedModel(model=engine.model, config=engine.model_config, path=None)
     hf, device_map = accelerate_offloaded_model(loaded, plan.budget, engine.device)
     prompt = torch.randint(0, engine.model_config.vocab_size, (args.prompt_len,),
                            generator=torch.Generator().manual_seed(args.seed)).tolist()

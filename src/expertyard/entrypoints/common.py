@@ -159,20 +159,13 @@ def configure_offload(engine: LLMEngine, args) -> None:
 
 
 def make_predictor(args, model):
-    from expertyard.experts import predictors
+    from expertyard.experts.predictors import load_predictor
+    from expertyard.experts.predictors.base import TraceOraclePredictor
 
     name, depth = args.predictor, args.prefetch_depth
     if name == "oracle":
         if model.forced_routing is None:
             raise ConfigError("--predictor oracle reads the future of a --routing-trace; give one")
-        from expertyard.experts.predictors.base import TraceOraclePredictor
-
         return TraceOraclePredictor(model.forced_routing, list(model.cfg.moe_layers), depth)
-    if hasattr(predictors, "load_predictor"):
-        model_dir = None if getattr(args, "synthetic", None) else (args.model or bundled_model_path())
-        return predictors.load_predictor(name, model, model_dir, depth, args.predictor_path)
-    if name == "none":
-        return predictors.NoPredictor(depth)
-    if name == "next-gate":
-        return predictors.NextGatePredictor(model, depth)
-    raise ConfigError(f"unknown predictor {name!r}; choose none, next-gate, trained or oracle")
+    model_dir = None if getattr(args, "synthetic", None) else (args.model or bundled_model_path())
+    return load_predictor(name, model, model_dir, depth, args.predictor_path)

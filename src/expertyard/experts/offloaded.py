@@ -113,7 +113,6 @@ class OffloadedExperts(ExpertBackend):
         else:
             y = self._forward_loaded_first(layer, x, topk_ids, topk_w, preds)
         self.now += 1
-        self.stats.layer_visits += 1
         return y
 
     def _routing_to_host(self, topk_ids: torch.Tensor, preds) -> tuple[torch.cuda.Event, int]:

@@ -16,7 +16,6 @@ class TransferStats:
     copy_events: list = field(default_factory=list)  # (start, end) CUDA events per copy
     stall_events: list = field(default_factory=list)  # (before wait, after wait) on the compute stream
     host_sync_s: float = 0.0  # time the host waited for routing (the one sync of an offloaded layer)
-    layer_visits: int = 0
 
     def busy_seconds(self) -> float:
         return sum(a.elapsed_time(b) for a, b in self.copy_events) / 1e3
