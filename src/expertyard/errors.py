@@ -19,3 +19,8 @@ class UnsupportedArchitectureError(ExpertyardError):
 
 class RequestError(ExpertyardError, ValueError):
     """A generation request is invalid (prompt too long, bad sampling parameters, ...)."""
+
+
+class DeploymentDownError(ExpertyardError, RuntimeError):
+    """A rank of a distributed deployment died or stopped answering within the timeout; the message names the
+    rank that noticed and what it was waiting for."""

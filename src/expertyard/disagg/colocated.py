@@ -1,0 +1,55 @@
+"""Colocated (wide) expert parallelism: every rank runs attention for its own requests and holds a share of
+the experts; dispatch and combine are `all_to_all_single` with equal splits over the same fixed-capacity
+buffers as the disaggregated path (m2n.py), on two communicators."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from expertyard.disagg.expert_shard import ExpertShard
+from expertyard.disagg.m2n import DispatchRoute, RowLayout, combine, pack_dispatch, unpack_dispatch
+from expertyard.disagg.placement import ExpertPlacement
+from expertyard.disagg.transport import Exchanger, Pending
+from expertyard.experts.backend import ExpertBackend
+
+# T = tokens, D = hidden, W = world size (= expert ranks), C = capacity
+
+
+@dataclass
+class InFlight:
+    route: DispatchRoute
+    answers: torch.Tensor  # [W * C, D]
+    pending: Pending
+
+
+class ColocatedExperts(ExpertBackend):
+    graph_safe = False
+
+    def __init__(self, shard: ExpertShard, placement: ExpertPlacement, layout: RowLayout, world: int,
+                 dispatch: Exchanger, combine_ex: Exchanger, device: torch.device):
+        self.shard, self.layout, self.world = shard, layout, world
+        self.dispatch, self.combine_ex = dispatch, combine_ex
+        self.tables = {layer: placement.tables(layer, device) for layer in placement.holders}
+        self.capacity = 0  # set per step by the driver
+
+    def start(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> InFlight:
+        w, c, d = self.world, self.capacity, self.layout.hidden
+        send, route = pack_dispatch(self.layout, x, topk_ids, topk_w, *self.tables[layer], w, c)  # [W * (C+1), Wd]
+        recv = torch.empty_like(send)
+        self.dispatch.all_to_all(recv, send).wait()
+        got = unpack_dispatch(self.layout, recv, w, c)
+        y = self.shard.compute(layer, got.x, got.local_ids, got.weights)  # [W * C, D]
+        answers = torch.empty(w * c, d, dtype=x.dtype, device=x.device)
+        return InFlight(route, answers, self.combine_ex.all_to_all(answers, y))
+
+    def finish(self, flight: InFlight) -> torch.Tensor:
+        flight.pending.wait()
+        return combine(flight.route, flight.answers, flight.answers.dtype)
+
+    def forward(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:
+        return self.finish(self.start(layer, x, topk_ids, topk_w))
+
+    def load_expert_weight(self, layer, expert, proj, tensor) -> None:
+        self.shard.load_expert_weight(layer, expert, proj, tensor)

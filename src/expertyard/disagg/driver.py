@@ -1,0 +1,149 @@
+"""Who drives a step: attention rank 0 runs the engine (scheduler, sampler) with a `DistributedRunner` in place
+of its model runner; every other rank follows the step headers that rank 0 broadcasts.
+
+Per step, rank 0 plans the step (step_plan.py), broadcasts the header over the CPU group, runs its own
+micro-batches, receives the other attention ranks' final hidden states and computes the logits. All attention
+ranks step in lockstep (possibly with zero tokens), so the expert ranks loop layer by layer. While the engine
+is idle, a heartbeat header every dist_timeout / 4 keeps the followers' waits short of the timeout.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+
+from expertyard.disagg.config import DisaggConfig
+from expertyard.disagg.groups import Groups
+from expertyard.disagg.pingpong import run_micro_batches
+from expertyard.disagg.step_plan import StepHeader, plan_step
+from expertyard.disagg.transport import Exchanger
+from expertyard.engine.scheduler import ScheduledStep
+from expertyard.errors import DeploymentDownError
+from expertyard.models.base import CausalLM
+
+# N = output rows of a step, D = hidden, V = vocabulary
+
+
+def broadcast_header(header: StepHeader | None, groups: Groups) -> StepHeader:
+    box = [header]
+    try:
+        dist.broadcast_object_list(box, src=0, group=groups.control)
+    except Exception as e:  # noqa: BLE001
+        raise DeploymentDownError(f"rank {dist.get_rank()}: the step header broadcast failed: a rank died or "
+                                  f"timed out ({type(e).__name__}: {e})") from e
+    return box[0]
+
+
+class AttentionRank:
+    """What an attention rank runs per step: its micro-batches, then its hidden states to rank 0."""
+
+    def __init__(self, model: CausalLM, kv_cache, exchange, groups: Groups, cfg: DisaggConfig, device: torch.device):
+        self.model, self.kv_cache, self.exchange, self.cfg, self.device = model, kv_cache, exchange, cfg, device
+        self.results = Exchanger(groups.results, device, "sending hidden states to rank 0")
+        self.rank = dist.get_rank()
+        self._last_send = None
+
+    def run(self, header: StepHeader) -> torch.Tensor:
+        self.exchange.capacity = header.capacity
+        return run_micro_batches(self.model, self.kv_cache, header.plans[self.rank], self.exchange, self.device)
+
+    def follow(self, header: StepHeader) -> None:
+        hidden = self.run(header)  # [n, D]
+        if self._last_send is not None:
+            self._last_send.wait()
+        self._last_send = self.results.p2p([(0, hidden)], []) if hidden.shape[0] else None
+
+
+class DistributedRunner:
+    """Stands in for `ModelRunner` on rank 0: same `run(step, all_logits)` contract."""
+
+    def __init__(self, attention: AttentionRank, groups: Groups, cfg: DisaggConfig, max_num_seqs: int):
+        self.attention, self.groups, self.cfg, self.max_num_seqs = attention, groups, cfg, max_num_seqs
+        self.kv_cache = attention.kv_cache
+        self.graphs = None
+        self.down_reason: str | None = None
+        self.micro_batches = cfg.micro_batches  # may be changed between steps (benchmarks sweep it)
+        self._lock = threading.Lock()
+        self._last_header = time.monotonic()
+        self._stop = threading.Event()
+        self._heartbeat = threading.Thread(target=self._beat, name="expertyard-heartbeat", daemon=True)
+        self._heartbeat.start()
+
+    def _broadcast(self, header: StepHeader) -> None:
+        if self.down_reason is not None:
+            raise DeploymentDownError(self.down_reason)
+        try:
+            broadcast_header(header, self.groups)
+        except DeploymentDownError as e:
+            self.down_reason = str(e)
+            raise
+        self._last_header = time.monotonic()
+
+    def _beat(self) -> None:
+        period = self.cfg.dist_timeout / 4
+        while not self._stop.wait(min(period, 1.0)):
+            with self._lock:
+                if self.down_reason is None and time.monotonic() - self._last_header >= period:
+                    try:
+                        self._broadcast(StepHeader("idle"))
+                    except DeploymentDownError as e:
+                        print(f"expertyard: deployment down: {e}", file=sys.stderr, flush=True)
+
+    @torch.inference_mode()
+    def run(self, step: ScheduledStep, all_logits: bool = False) -> torch.Tensor:
+        """Logits [N, V] float32 in step order (see ModelRunner.run)."""
+        header, order = plan_step(step, self.cfg, self.max_num_seqs, all_logits, self.micro_batches)
+        with self._lock:
+            self._broadcast(header)
+            try:
+                own = self.attention.run(header)  # [n_0, D]
+                hidden = self._gather(header, own, order)  # [N, D]
+            except DeploymentDownError as e:
+                self.down_reason = str(e)
+                raise
+        return self.attention.model.compute_logits(hidden)
+
+    def _gather(self, header: StepHeader, own: torch.Tensor, order: list[tuple[int, int]]) -> torch.Tensor:
+        d = own.shape[1]
+        parts = [own]
+        recvs = []
+        for rank in range(1, self.cfg.attention_ranks):
+            n = sum(len(mb.out_rows) for mb in header.plans[rank])
+            part = torch.empty(n, d, dtype=own.dtype, device=own.device)
+            parts.append(part)
+            if n:
+                recvs.append((rank, part))
+        self.attention.results.p2p([], recvs).wait()
+        offsets = [0]
+        for p in parts:
+            offsets.append(offsets[-1] + p.shape[0])
+        index = torch.tensor([offsets[r] + j for r, j in order], dtype=torch.long).to(own.device, non_blocking=True)
+        return torch.cat(parts).index_select(0, index)
+
+    def shutdown(self) -> None:
+        """Tell every rank to leave its loop (no-op once the deployment is down)."""
+        self._stop.set()
+        with self._lock:
+            if self.down_reason is None:
+                try:
+                    self._broadcast(StepHeader("stop"))
+                except DeploymentDownError:
+                    pass
+
+
+def follow(groups: Groups, attention: AttentionRank | None, expert_worker) -> None:
+    """The loop of every rank but 0: run each step's share until rank 0 says stop."""
+    while True:
+        header = broadcast_header(None, groups)
+        if header.command == "stop":
+            return
+        if header.command != "step":
+            continue
+        if attention is not None:
+            attention.follow(header)
+        else:
+            expert_worker.run_step(header.capacity, header.micro_batches)

@@ -1,0 +1,46 @@
+"""The loop of an expert rank: for each step, for each MoE layer, for each micro-batch: receive the tokens of
+every attention rank, compute the local experts, send the answers back.
+
+The receive of the next micro-batch is posted before the current one is computed, so the transfer overlaps
+the expert GEMMs; on CUDA nothing in the loop blocks the host.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from expertyard.disagg.expert_shard import ExpertShard
+from expertyard.disagg.m2n import RowLayout, unpack_dispatch
+from expertyard.disagg.transport import Exchanger, Pending
+
+# S = attention ranks (sources), C = capacity, W = dispatch row width, D = hidden
+
+
+class ExpertWorker:
+    def __init__(self, shard: ExpertShard, moe_layers: list[int], attention_ranks: list[int],
+                 layout: RowLayout, dispatch: Exchanger, combine_ex: Exchanger, device: torch.device):
+        self.shard, self.moe_layers = shard, moe_layers
+        self.sources, self.layout = attention_ranks, layout
+        self.dispatch, self.combine_ex, self.device = dispatch, combine_ex, device
+
+    def _post_receive(self, capacity: int) -> tuple[torch.Tensor, Pending]:
+        s, c = len(self.sources), capacity
+        recv = torch.empty(s * (c + 1), self.layout.width, dtype=self.layout.dtype, device=self.device)
+        chunks = recv.view(s, c + 1, -1)
+        return recv, self.dispatch.p2p([], [(r, chunks[j]) for j, r in enumerate(self.sources)])
+
+    def run_step(self, capacity: int, micro_batches: int) -> None:
+        s, c = len(self.sources), capacity
+        work = [(layer, i) for layer in self.moe_layers for i in range(micro_batches)]
+        sends: list[Pending] = []
+        nxt = self._post_receive(c) if work else None
+        for j, (layer, _) in enumerate(work):
+            recv, pending = nxt
+            nxt = self._post_receive(c) if j + 1 < len(work) else None
+            pending.wait()
+            got = unpack_dispatch(self.layout, recv, s, c)
+            y = self.shard.compute(layer, got.x, got.local_ids, got.weights)  # [S * C, D]
+            chunks = y.view(s, c, -1)
+            sends.append(self.combine_ex.p2p([(r, chunks[k]) for k, r in enumerate(self.sources)], []))
+        for p in sends:
+            p.wait()

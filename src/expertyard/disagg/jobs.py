@@ -1,0 +1,60 @@
+"""What rank 0 does with the distributed engine in tests and benchmarks (module-level, so they can be pickled
+into launched processes)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from expertyard.engine.llm_engine import LLMEngine
+from expertyard.engine.sampling_params import SamplingParams
+
+
+def greedy(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> dict:
+    """Greedy tokens, the chosen tokens' log-probabilities, and the prompt log-probabilities of prompts[0]."""
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=1)
+    seqs = engine.generate(prompts, params)
+    return {"tokens": [s.output_token_ids for s in seqs],
+            "logprobs": [[e["logprob"] for e in s.logprobs] for s in seqs],
+            "prompt_logprobs": engine.score(prompts[0]).tolist()}
+
+
+def greedy_each_m(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, ms: list[int]) -> dict[int, dict]:
+    """`greedy` once per number of micro-batches, on one running deployment."""
+    out = {}
+    for m in ms:
+        engine.runner.micro_batches = m
+        out[m] = greedy(engine, prompts, max_tokens)
+    return out
+
+
+def decode_throughput(engine: LLMEngine, batch: int, prompt_len: int, decode_tokens: int, ms: list[int],
+                      seed: int = 0) -> dict[int, dict]:
+    """Per m: decode tokens/s and time per output token at a fixed batch (greedy, EOS ignored), after one
+    warm-up pass."""
+    gen = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(0, engine.model_config.vocab_size, (batch, prompt_len), generator=gen).tolist()
+    params = SamplingParams(temperature=0, max_tokens=decode_tokens, ignore_eos=True)
+    out = {}
+    for m in ms:
+        engine.runner.micro_batches = m
+        for timed in (False, True):
+            seqs = [engine.add_request(p, params) for p in prompts]
+            engine.step()  # prefill (one step: the token budget holds every prompt)
+            _sync(engine)
+            t0 = time.perf_counter()
+            steps = 0
+            while engine.has_unfinished():
+                engine.step()
+                steps += 1
+            _sync(engine)
+            dt = time.perf_counter() - t0
+            assert all(len(s.output_token_ids) == decode_tokens for s in seqs)
+        out[m] = {"decode_tokens_per_s": batch * steps / dt, "tpot_ms": 1e3 * dt / steps, "steps": steps}
+    return out
+
+
+def _sync(engine: LLMEngine) -> None:
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize(engine.device)

@@ -1,0 +1,77 @@
+"""Start a deployment's ranks on this host with torchrun's launcher (`elastic_launch`), or join one started
+by `torchrun` on several hosts (every process then calls `run_rank` with the launcher's environment).
+
+    one host:   expertyard serve --disaggregate --attention-ranks 2 --expert-ranks 2 ...
+    many hosts: torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST0:29400 \
+                  --rdzv-id JOB -m expertyard.disagg.launch serve --disaggregate ...   (same flags on every host)
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import uuid
+from typing import Any, Callable
+
+import torch
+
+from expertyard.disagg.config import DisaggConfig
+from expertyard.disagg.worker import EngineSettings, ModelSource, run_rank
+from expertyard.errors import DeploymentDownError
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_device(device_type: str, local_rank: int) -> torch.device:
+    if device_type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            from expertyard.errors import ConfigError
+
+            raise ConfigError(f"local rank {local_rank} needs GPU {local_rank}, but this host has "
+                              f"{torch.cuda.device_count()}: start fewer ranks per host")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def rank_main(cfg: DisaggConfig, source: ModelSource, settings: EngineSettings, device_type: str,
+              dtype: torch.dtype, job: Callable, torch_threads: int | None = None) -> Any:
+    """The entry point of every launched process: rank and world size come from the launcher's environment."""
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    device = rank_device(device_type, int(os.environ.get("LOCAL_RANK", 0)))
+    return run_rank(cfg, source, settings, rank, world, device, dtype, job)
+
+
+def launch_local(cfg: DisaggConfig, source: ModelSource, settings: EngineSettings, device_type: str,
+                 dtype: torch.dtype, job: Callable, torch_threads: int | None = None,
+                 max_restarts: int = 0) -> Any:
+    """All ranks on this host through `elastic_launch`; returns rank 0's `job(engine)`. `job` must be a
+    module-level function (it is pickled into each process)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    port = _free_port()
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=cfg.world_size, run_id=f"expertyard-{uuid.uuid4().hex[:8]}",
+                          rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{port}", max_restarts=max_restarts,
+                          monitor_interval=0.5, start_method="spawn")
+    try:
+        results = elastic_launch(config, rank_main)(cfg, source, settings, device_type, dtype, job, torch_threads)
+    except ChildFailedError as e:
+        first = e.get_first_failure()[1]
+        raise DeploymentDownError(f"rank {first.global_rank} failed (exit code {first.exitcode}): "
+                                  f"{first.message if isinstance(first.message, str) else first.message.get('message', '')}"
+                                  ) from None
+    return results[0]
+
+
+if __name__ == "__main__":  # under torchrun: `torchrun ... -m expertyard.disagg.launch serve --disaggregate ...`
+    from expertyard.entrypoints.cli import main
+
+    os.environ["EXPERTYARD_UNDER_TORCHRUN"] = "1"
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,151 @@
+"""One rank of a deployment: join the job, load what its role needs, then drive (rank 0) or follow."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from expertyard.config import ModelConfig
+from expertyard.disagg.colocated import ColocatedExperts
+from expertyard.disagg.config import DisaggConfig
+from expertyard.disagg.driver import AttentionRank, DistributedRunner, follow
+from expertyard.disagg.expert_shard import ExpertShard, NoExperts
+from expertyard.disagg.expert_worker import ExpertWorker
+from expertyard.disagg.groups import init_distributed
+from expertyard.disagg.m2n import RowLayout
+from expertyard.disagg.placement import ExpertPlacement
+from expertyard.disagg.remote_experts import RemoteExperts
+from expertyard.disagg.step_plan import kv_rows_per_rank
+from expertyard.disagg.transport import Exchanger
+from expertyard.engine.kv_cache import allocate_kv_cache
+from expertyard.engine.llm_engine import EngineConfig, LLMEngine
+from expertyard.errors import ConfigError, DeploymentDownError
+from expertyard.experts.resident import ResidentExperts
+from expertyard.loader.load import LoadedModel, build_model, load_model, model_config_from_hf
+
+
+@dataclass
+class ModelSource:
+    """A checkpoint directory, or random weights for a transformers config (`--synthetic`, test shapes)."""
+
+    model_dir: Path | None = None
+    hf_config: Any = None
+    seed: int = 0
+    std: float = 0.02  # of the random weights
+    name: str = "model"
+
+    def config(self) -> ModelConfig:
+        if self.hf_config is not None:
+            return model_config_from_hf(self.hf_config)
+        from expertyard.loader.checkpoint import read_hf_config
+
+        return model_config_from_hf(read_hf_config(self.model_dir))
+
+    def load(self, device: torch.device, dtype: torch.dtype, factory) -> LoadedModel:
+        """Random weights are drawn for the whole model in one order (so every rank and the single-process
+        reference agree) and carved afterwards; a checkpoint goes straight into `factory`'s backend."""
+        if self.hf_config is not None:
+            from expertyard.synthetic import init_random_weights
+
+            cfg = self.config()
+            model = build_model(cfg, device, dtype, ResidentExperts)
+            init_random_weights(model, self.seed, self.std)
+            return LoadedModel(model=model, config=cfg, path=None)
+        return load_model(self.model_dir, device, dtype, backend_factory=factory, progress=False)
+
+    def tokenizer(self):
+        if self.model_dir is None:
+            return None
+        from expertyard.entrypoints.common import load_tokenizer
+
+        return load_tokenizer(self.model_dir)
+
+
+@dataclass
+class EngineSettings:
+    max_num_seqs: int = 8
+    max_model_len: int | None = None
+    max_num_batched_tokens: int = 2048
+    replicate: dict[int, list[int]] = field(default_factory=dict)  # layer -> hot experts copied to every rank
+
+
+def effective_max_model_len(cfg: ModelConfig, requested: int | None) -> int:
+    """The engine's own rule (LLMEngine), so that every attention rank sizes its KV cache alike."""
+    limit = cfg.max_position_embeddings
+    return min(requested or min(limit, 4096), limit)
+
+
+def run_rank(cfg: DisaggConfig, source: ModelSource, settings: EngineSettings, rank: int, world_size: int,
+             device: torch.device, dtype: torch.dtype, job: Callable[[LLMEngine], Any]) -> Any:
+    """Everything one process does; returns `job(engine)` on rank 0, None elsewhere. A dead or silent peer
+    ends this rank with a DeploymentDownError naming it (followers print it and exit with status 1)."""
+    groups = init_distributed(cfg, rank, world_size, device)
+    mcfg = source.config()
+    if not mcfg.moe_layers:
+        raise ConfigError("the model has no MoE layers: nothing to disaggregate")
+    role = cfg.role(rank)
+    placement = ExpertPlacement.balanced(mcfg.moe_layers, mcfg.moe.num_experts, cfg.expert_ranks, settings.replicate)
+    layout = RowLayout(mcfg.hidden_size, mcfg.moe.top_k, dtype)
+    dispatch = Exchanger(groups.dispatch, device, "dispatch (attention -> experts)")
+    combine = Exchanger(groups.combine, device, "combine (experts -> attention)")
+    index = cfg.expert_rank_ids.index(rank) if role != "attention" else -1
+    if role == "attention":
+        factory = lambda c, d, t: NoExperts()  # noqa: E731
+    else:
+        factory = lambda c, d, t: ExpertShard(c, placement, index, d, t)  # noqa: E731
+    loaded = source.load(device, dtype, factory)
+    model = loaded.model
+    shard = None
+    if role != "attention":
+        experts = model.experts
+        shard = experts if isinstance(experts, ExpertShard) else ExpertShard.from_resident(experts, mcfg, placement, index)
+    try:
+        if role == "expert":
+            worker = ExpertWorker(shard, list(mcfg.moe_layers), cfg.attention_rank_ids, layout, dispatch, combine, device)
+            del model, loaded  # an expert rank keeps only its experts
+            _free(device)
+            follow(groups, None, worker)
+            return None
+        if role == "attention":
+            exchange = RemoteExperts(placement, cfg.expert_rank_ids, layout, dispatch, combine, device)
+        else:
+            exchange = ColocatedExperts(shard, placement, layout, cfg.expert_ranks, dispatch, combine, device)
+        model.set_expert_backend(exchange)  # drops the full expert stacks of a random-weight model
+        _free(device)
+        max_len = effective_max_model_len(mcfg, settings.max_model_len)
+        kv = allocate_kv_cache(model, kv_rows_per_rank(cfg, settings.max_num_seqs), max_len, device, dtype)
+        attention = AttentionRank(model, kv, exchange, groups, cfg, device)
+        if rank != 0:
+            follow(groups, attention, None)
+            return None
+        return _drive(cfg, source, settings, loaded, attention, groups, job)
+    except DeploymentDownError as e:
+        print(f"expertyard: rank {rank} ({role}): deployment down: {e}", file=sys.stderr, flush=True)
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _drive(cfg, source, settings, loaded, attention, groups, job):
+    tokenizer = source.tokenizer()
+    engine = LLMEngine(loaded, tokenizer, EngineConfig(
+        max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len,
+        max_num_batched_tokens=settings.max_num_batched_tokens, cuda_graphs=False),
+        **({"eos_token_ids": set()} if tokenizer is None else {}))
+    engine.runner = DistributedRunner(attention, groups, cfg, settings.max_num_seqs)  # frees the full-size cache
+    _free(attention.device)
+    try:
+        return job(engine)
+    finally:
+        engine.runner.shutdown()
+
+
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
