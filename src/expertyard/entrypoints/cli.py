@@ -10,14 +10,14 @@ from expertyard.errors import ExpertyardError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from expertyard.entrypoints import (bench, bench_serving, evaluate, generate, pregate_cmd, quantize_cmd, serve_cmd,
-                                       simulate_cmd, trace_cmd)
+    from expertyard.entrypoints import (bench, bench_serving, evaluate, generate, plan_cmd, pregate_cmd, quantize_cmd,
+                                       serve_cmd, simulate_cmd, trace_cmd)
 
     parser = argparse.ArgumentParser(prog="expertyard", description="Fast inference for Mixture-of-Experts models")
     parser.add_argument("--version", action="version", version=f"expertyard {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in (generate, evaluate, bench, pregate_cmd, trace_cmd, simulate_cmd, serve_cmd, bench_serving,
-                   quantize_cmd):
+                   quantize_cmd, plan_cmd):
         module.add_parser(sub)
     return parser
 

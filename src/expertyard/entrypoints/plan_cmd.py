@@ -1,0 +1,267 @@
+"""`expertyard plan`: deployment plans for disaggregated expert parallelism (MegaScale-Infer, Algorithm 1).
+
+  expertyard plan --synthetic mixtral-8x22b --gpus 64 [--slo-tpot 150] [--gpu h100 --expert-gpu h20]
+  expertyard plan predict --synthetic mixtral-8x7b --attention-ranks 1 --expert-ranks 1 --micro-batches 3 --batch 96
+  expertyard plan calibrate --synthetic mixtral-8x7b --device cuda --out h200.json
+  expertyard plan table --gpus 8,16,...,1024 --markdown
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from expertyard.errors import ConfigError
+
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+PAPER_TABLE_MODELS = ("mixtral-8x22b", "dbrx", "scaled-moe-317b")
+TABLE_GPUS = (8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    from expertyard.plan.model_specs import plan_model_names
+
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", type=Path, help="local Hugging Face model directory (only config.json is read); "
+                                                "default: the bundled model")
+    src.add_argument("--synthetic", choices=plan_model_names(), help="a model shape by name (no weights)")
+
+
+def _hardware_args(p: argparse.ArgumentParser, workload: bool = True) -> None:
+    p.add_argument("--gpu", "--profile", dest="gpu", default="h200",
+                   help="GPU profile of the attention nodes (and of the expert nodes without --expert-gpu): "
+                        "h200, h100, a100, l40s, h20, or a JSON file from `plan calibrate`")
+    p.add_argument("--expert-gpu", "--expert-profile", dest="expert_gpu", default=None,
+                   help="GPU profile of the expert nodes (heterogeneous deployment); default: --gpu")
+    p.add_argument("--price", type=float, default=None, help="USD per GPU-hour of the attention GPUs (overrides)")
+    p.add_argument("--expert-price", type=float, default=None, help="USD per GPU-hour of the expert GPUs")
+    if workload:
+        p.add_argument("--context-len", type=int, default=2048, help="mean cached tokens per decoding sequence")
+        p.add_argument("--max-len", type=int, default=None,
+                       help="KV-cache tokens reserved per sequence (memory); default: --context-len")
+        p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bfloat16", help="weights and KV cache")
+    p.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
+
+
+def _search_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--slo-tpot", type=float, default=None, help="time per output token bound, milliseconds")
+    p.add_argument("--balance-tolerance", type=float, default=0.2, help="|T_a - T_e| <= this fraction of T_f")
+    p.add_argument("--max-micro-batches", type=int, default=8, help="m is searched over 2..this")
+    p.add_argument("--objective", choices=["throughput", "per-cost"], default="throughput",
+                   help="rank by total decode tokens/s of the N GPUs, or by tokens per USD")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("plan", help="deployment plans for disaggregated attention/expert serving "
+                                    "(plan [search] | predict | calibrate | table)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Without a subcommand: search the best deployment of a model on --gpus N GPUs.")
+    _model_args(p)
+    p.add_argument("--gpus", type=int, default=None, help="GPUs available (total, attention + expert)")
+    p.add_argument("--top", type=int, default=10, help="candidates listed")
+    _search_args(p)
+    _hardware_args(p)
+    p.set_defaults(func=run_search)
+    ps = p.add_subparsers(dest="plan_command")
+
+    pr = ps.add_parser("predict", help="predicted decode TPOT and throughput of one given deployment",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _model_args(pr)
+    pr.add_argument("--attention-ranks", type=int, required=True, help="GPUs running attention (n_a * tp_a)")
+    pr.add_argument("--expert-ranks", type=int, required=True, help="GPUs running experts (n_e * tp_e)")
+    pr.add_argument("--micro-batches", type=int, required=True, help="m, micro-batches per attention node")
+    pr.add_argument("--batch", type=int, required=True, help="global batch B: sequences decoded together")
+    pr.add_argument("--tp-attention", type=int, default=1, help="tp_a, GPUs per attention node")
+    pr.add_argument("--tp-expert", type=int, default=1, help="tp_e, GPUs per expert node")
+    _hardware_args(pr)
+    pr.set_defaults(func=run_predict)
+
+    pc = ps.add_parser("calibrate", help="time the attention step, fused_moe and NCCL send/recv; write a profile",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _model_args(pc)
+    pc.add_argument("--out", type=Path, required=True, help="profile JSON to write")
+    pc.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    pc.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default=None,
+                    help="default: bfloat16 on CUDA, float32 on CPU")
+    pc.add_argument("--base-profile", default=None,
+                    help="built-in profile for what is not measured (network, peaks, price); default: matched "
+                         "from the GPU's name, else h200")
+    pc.add_argument("--name", default=None, help="profile name (default: BASE-calibrated)")
+    pc.add_argument("--context-len", type=int, default=None, help="KV length of the attention timing "
+                                                                   "(default 2048 on CUDA, 512 on CPU; also /4)")
+    pc.add_argument("--batch-sizes", default=None, help="comma-separated attention micro-batch sizes")
+    pc.add_argument("--pairs", default=None, help="comma-separated (token, expert) row counts for fused_moe")
+    pc.add_argument("--repeats", type=int, default=None, help="timed calls per point")
+    pc.add_argument("--no-cuda-graphs", action="store_true", help="time eagerly instead of CUDA-graph replays")
+    pc.add_argument("--no-comm", action="store_true", help="skip the NCCL send/recv measurement")
+    pc.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
+    pc.set_defaults(func=run_calibrate)
+
+    pt = ps.add_parser("table", help="best plans of several models over GPU counts (docs/plan.md)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pt.add_argument("--synthetic", default=",".join(PAPER_TABLE_MODELS), help="comma-separated model names")
+    pt.add_argument("--gpus", default=",".join(map(str, TABLE_GPUS)), help="comma-separated GPU counts")
+    pt.add_argument("--markdown", action="store_true", help="a Markdown table")
+    _search_args(pt)
+    _hardware_args(pt)
+    pt.set_defaults(func=run_table)
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: expected comma-separated integers") from None
+    if not vals or min(vals) < 1:
+        raise ConfigError(f"{flag} {text!r}: expected positive integers")
+    return vals
+
+
+def _perf_model(args, synthetic: str | None = None, model: Path | None = None):
+    from expertyard.plan.model_costs import model_costs
+    from expertyard.plan.model_specs import model_config_for
+    from expertyard.plan.perf_model import PerfModel, Workload
+    from expertyard.plan.profiles import load_profile
+
+    attn = load_profile(args.gpu).with_price(args.price)
+    expert = load_profile(args.expert_gpu or args.gpu).with_price(args.expert_price if args.expert_gpu else
+                                                                 (args.expert_price or args.price))
+    cfg = model_config_for(synthetic, model)
+    return PerfModel(model_costs(cfg, DTYPE_BYTES[args.dtype]), attn, expert, Workload(args.context_len, args.max_len))
+
+
+def _constraints(args):
+    from expertyard.plan.search import Constraints
+
+    return Constraints(slo_tpot_s=None if args.slo_tpot is None else args.slo_tpot / 1e3,
+                       balance_tolerance=args.balance_tolerance, max_micro_batches=args.max_micro_batches,
+                       objective=args.objective)
+
+
+def _hardware_label(pm) -> str:
+    a, e = pm.ha, pm.he
+    return f"{a.name} ({a.kind})" if a == e else f"{a.name} ({a.kind}) for attention, {e.name} ({e.kind}) for experts"
+
+
+def run_search(args) -> int:
+    from expertyard.plan.model_specs import model_label
+    from expertyard.plan.report import CANDIDATE_HEADERS, candidate_rows, describe_prediction, table
+    from expertyard.plan.search import best_plan, search
+
+    if args.gpus is None:
+        raise ConfigError("expertyard plan needs --gpus N (or a subcommand: predict, calibrate, table)")
+    pm = _perf_model(args, args.synthetic, args.model)
+    label = model_label(args.synthetic, args.model)
+    cons = _constraints(args)
+    best = best_plan(pm, args.gpus, cons, label)
+    plans = search(pm, args.gpus, cons)[: args.top]
+    if args.json:
+        print(json.dumps({"model": label, "gpus": args.gpus, "attention_profile": pm.ha.name,
+                          "expert_profile": pm.he.name, "context_len": args.context_len, "slo_tpot_ms": args.slo_tpot,
+                          "best": best.to_dict(), "candidates": [p.to_dict() for p in plans]}))
+        return 0
+    slo = f", TPOT SLO {args.slo_tpot:g} ms" if args.slo_tpot else ""
+    print(f"best plan for {label} on {args.gpus} GPUs, {_hardware_label(pm)}, context {args.context_len}{slo}:")
+    print(f"  {best.replicas} replica(s) of the unit below: {best.gpus_used} of {args.gpus} GPUs, "
+          f"{best.total_throughput:,.0f} decode tok/s in total")
+    print("\n".join(describe_prediction(best.prediction, pm.ha.usable_bytes, pm.he.usable_bytes)))
+    print(f"\ntop {len(plans)} candidates (the best n_a for each tp_a, tp_e, n_e, m; times per layer):")
+    print(table(CANDIDATE_HEADERS, candidate_rows(plans)))
+    return 0
+
+
+def run_predict(args) -> int:
+    from expertyard.plan.model_specs import model_label
+    from expertyard.plan.perf_model import Deployment, predict
+    from expertyard.plan.report import describe_prediction
+
+    for flag, ranks, tp in (("--attention-ranks", args.attention_ranks, args.tp_attention),
+                            ("--expert-ranks", args.expert_ranks, args.tp_expert)):
+        if ranks < 1 or tp < 1 or ranks % tp:
+            raise ConfigError(f"{flag} {ranks} must be a positive multiple of its tensor-parallel size {tp}")
+    n_a, n_e, m = args.attention_ranks // args.tp_attention, args.expert_ranks // args.tp_expert, args.micro_batches
+    if m < 1 or args.batch < 1 or args.batch % (n_a * m):
+        raise ConfigError(f"--batch {args.batch} must be a positive multiple of attention nodes x micro-batches = "
+                          f"{n_a} x {m} = {n_a * m} (each micro-batch of each attention node holds batch/{n_a * m})")
+    pm = _perf_model(args, args.synthetic, args.model)
+    label = model_label(args.synthetic, args.model)
+    q = predict(pm, Deployment(args.tp_attention, args.tp_expert, n_a, n_e, m, args.batch // (n_a * m)))
+    if args.json:
+        print(json.dumps({"model": label, "attention_profile": pm.ha.name, "expert_profile": pm.he.name,
+                          "context_len": args.context_len, **q.to_dict(), "tpot_ms": q.tpot * 1e3}))
+        return 0
+    print(f"predicted decode of {label} on {_hardware_label(pm)}, context {args.context_len}:")
+    print("\n".join(describe_prediction(q, pm.ha.usable_bytes, pm.he.usable_bytes)))
+    return 0
+
+
+def run_calibrate(args) -> int:
+    import torch
+
+    from expertyard.entrypoints.common import DTYPES, resolve_device
+    from expertyard.plan.calibrate import calibrate
+    from expertyard.plan.model_specs import model_config_for, model_label
+    from expertyard.plan.profiles import BUILTIN, load_profile
+
+    device, dtype = resolve_device(args)
+    base = args.base_profile
+    if base is None:
+        gpu = torch.cuda.get_device_name(device).lower() if device.type == "cuda" else ""
+        base = next((name for name in BUILTIN if name in gpu), "h200")
+    label = model_label(args.synthetic, args.model)
+    profile = calibrate(model_config_for(args.synthetic, args.model), label, device, DTYPES[args.dtype] if args.dtype
+                        else dtype, load_profile(base), name=args.name, context_len=args.context_len,
+                        batches=_ints(args.batch_sizes, "--batch-sizes") if args.batch_sizes else None,
+                        pairs=_ints(args.pairs, "--pairs") if args.pairs else None, repeats=args.repeats,
+                        graphs=not args.no_cuda_graphs, comm=not args.no_comm)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(profile.to_json() + "\n")
+    if args.json:
+        print(profile.to_json().replace("\n", " "))
+        return 0
+    print(f"wrote {args.out}: {profile.name} ({profile.gpu})")
+    for f in profile.fits:
+        what = ", ".join(f"{k}={f[k]}" for k in ("experts", "context_len") if k in f)
+        print(f"  {f['module']:<9} {what:<16} t = {f['k_slope'] * 1e6:.4f} us * x + {f['k_intercept'] * 1e6:.1f} us"
+              f"   (x = {f['x']}; max relative error {f['max_rel_err']:.1%})")
+    print(f"  effective: weights {profile.weight_gbps:,.1f} GB/s, KV {profile.kv_gbps:,.1f} GB/s, attention "
+          f"{profile.attn_tflops:,.2f} TFLOPS, experts {profile.expert_tflops:,.2f} TFLOPS, overheads "
+          f"{profile.attn_overhead_us:.1f} / {profile.expert_overhead_us:.1f} us, link "
+          f"{profile.intra_host_gbps:,.1f} GB/s + {profile.link_latency_us:.1f} us")
+    return 0
+
+
+def run_table(args) -> int:
+    from expertyard.plan.report import table
+    from expertyard.plan.search import best_plan
+
+    models = [m.strip() for m in args.synthetic.split(",") if m.strip()]
+    gpus = _ints(args.gpus, "--gpus")
+    cons = _constraints(args)
+    headers = ["model", "GPUs", "tp_a x n_a", "tp_e x n_e", "m", "b_a", "batch/unit", "unit x reps", "TPOT ms",
+               "tok/s", "tok/s/GPU", "tok/USD"]
+    rows, records = [], []
+    for name in models:
+        pm = _perf_model(args, name)
+        for n in gpus:
+            try:
+                plan = best_plan(pm, n, cons, name)
+            except ConfigError as e:
+                rows.append([name, str(n), *["-"] * 9, ""])
+                records.append({"model": name, "gpus": n, "error": str(e)})
+                if not args.json:
+                    print(f"# {name} on {n} GPUs: {e}", file=sys.stderr)
+                continue
+            q, d = plan.prediction, plan.prediction.deployment
+            rows.append([name, str(n), f"{d.tp_a} x {d.n_a}", f"{d.tp_e} x {d.n_e}", str(d.m), str(d.b_a),
+                         str(d.global_batch), f"{d.gpus} x {plan.replicas}", f"{q.tpot * 1e3:.1f}",
+                         f"{plan.total_throughput:,.0f}", f"{q.per_gpu:,.0f}",
+                         "-" if q.per_dollar is None else f"{q.per_dollar:,.0f}"])
+            records.append({"model": name, "gpus": n, **plan.to_dict()})
+    if args.json:
+        print(json.dumps({"profile": args.gpu, "expert_profile": args.expert_gpu or args.gpu, "plans": records}))
+    else:
+        print(table(headers, rows, markdown=args.markdown))
+    return 0
