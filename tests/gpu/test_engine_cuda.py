@@ -69,3 +69,21 @@ def test_cuda_seeded_sampling_is_reproducible(tiny_checkpoint):
     a = _engine(path, torch.bfloat16, graphs=True).generate(_prompts(), params)
     b = _engine(path, torch.bfloat16, graphs=True).generate(_prompts(), params)
     assert [s.output_token_ids for s in a] == [s.output_token_ids for s in b]
+
+
+def test_cuda_server_warm_up_captures_every_bucket_and_decodes_the_same(tiny_checkpoint):
+    """warm_up captures every (batch, length) graph bucket at start-up; decoding afterwards replays them and gives
+    the eager tokens."""
+    from expertyard.server.warmup import warm_up
+
+    path, _ = tiny_checkpoint("qwen3_moe")
+    params = SamplingParams(temperature=0, max_tokens=20, logprobs=1)
+    eager = _engine(path, torch.float32, graphs=False).generate(_prompts(), params)
+    engine = _engine(path, torch.float32, graphs=True)
+    warm_up(engine)
+    graphs = engine.runner.graphs
+    assert set(graphs.entries) == {(b, n) for b in graphs.batch_buckets for n in graphs.len_buckets}
+    captured = len(graphs.entries)
+    warmed = engine.generate(_prompts(), params)
+    assert len(graphs.entries) == captured  # nothing new captured under "load"
+    assert [s.output_token_ids for s in warmed] == [s.output_token_ids for s in eager]

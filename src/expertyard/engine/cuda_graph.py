@@ -36,16 +36,27 @@ class BucketedDecodeGraphs:
         self._side_stream = None
         self.entries: dict[tuple[int, int], tuple[object, dict[str, torch.Tensor]]] = {}
 
+    def capture_all(self) -> int:
+        """Capture every (batch bucket, length bucket) now, as a server does at start-up, so that no decode step
+        under load pays a capture (and the first-use kernel compiles inside it); returns the graphs captured."""
+        for bb in self.batch_buckets:
+            for lb in self.len_buckets:
+                self._entry(bb, lb)
+        return len(self.entries)
+
+    def _entry(self, bb: int, lb: int):
+        if (bb, lb) not in self.entries:
+            bufs, meta = self._static_inputs(bb, lb)
+            self.entries[(bb, lb)] = (self._capture(bb, bufs, meta), bufs)
+        return self.entries[(bb, lb)]
+
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
             context_lens: torch.Tensor, max_context: int) -> torch.Tensor:
         """Inputs [B] on the device -> logits [B, V] (a view of static graph output)."""
         b = input_ids.shape[0]
         bb = self.batch_buckets[bisect.bisect_left(self.batch_buckets, b)]
         lb = self.len_buckets[bisect.bisect_left(self.len_buckets, max_context)]
-        if (bb, lb) not in self.entries:
-            bufs, meta = self._static_inputs(bb, lb)
-            self.entries[(bb, lb)] = (self._capture(bb, bufs, meta), bufs)
-        captured, bufs = self.entries[(bb, lb)]
+        captured, bufs = self._entry(bb, lb)
         bufs["input_ids"][:b].copy_(input_ids)
         bufs["positions"][:b].copy_(positions)
         bufs["slots"][:b].copy_(slots)

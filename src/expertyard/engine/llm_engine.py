@@ -51,6 +51,7 @@ class LLMEngine:
                                   self.dtype, cuda_graphs)
         self.eos_token_ids = eos_token_ids if eos_token_ids is not None else _eos_ids(loaded.path, tokenizer)
         self.generators: dict[int, torch.Generator] = {}
+        self.last_step = None  # the latest ScheduledStep (for logs)
 
     # ---- requests -------------------------------------------------------------------------------------
     def encode(self, prompt: str | list[int] | list[dict]) -> list[int]:
@@ -93,6 +94,7 @@ class LLMEngine:
     def step(self) -> list[Sequence]:
         """Run one step; returns the sequences that got a token (finished ones have finish_reason set)."""
         step = self.scheduler.schedule()
+        self.last_step = step
         if not step.spans:
             return []
         logits = self.runner.run(step)  # [N, V]

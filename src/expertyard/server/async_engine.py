@@ -22,6 +22,7 @@ from typing import Callable
 from expertyard.engine.llm_engine import LLMEngine
 from expertyard.engine.sampling_params import SamplingParams
 from expertyard.engine.sequence import Sequence
+from expertyard.server.protocol import APIError
 
 log = logging.getLogger("expertyard.server")
 
@@ -55,6 +56,7 @@ class AsyncEngine:
     def __init__(self, engine: LLMEngine, on_step: Callable[[float, int], None] | None = None):
         self.engine = engine
         self.on_step = on_step  # (seconds, sequences that got a token), called on the engine thread
+        self.slow_step_s = 0.25  # steps slower than this are logged with their shape
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[int, Stream] = {}  # seq_id -> stream (engine thread only)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -85,6 +87,8 @@ class AsyncEngine:
         """Run fn() on the engine thread between steps; its exceptions are raised here."""
         if not self.alive:
             raise RuntimeError("the engine is not running")
+        if (down := deployment_down(self.engine)) is not None:
+            raise APIError(f"the deployment is down: {down}", status=503, code="deployment_down")
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._commands.put((fn, fut))
         return await asyncio.wrap_future(fut)
@@ -128,8 +132,13 @@ class AsyncEngine:
                 log.error("engine step failed:\n%s", traceback.format_exc())
                 self._fail_all(f"engine step failed: {type(e).__name__}: {e}")
                 continue
+            seconds = time.perf_counter() - t0
+            if seconds > self.slow_step_s:  # under load a slow step stalls every stream: say what it was
+                st = engine.last_step
+                log.warning("slow engine step: %.3f s for %d prefill tokens (%d prompts) + %d decodes", seconds,
+                            sum(s.length for s in st.prefills), len(st.prefills), len(st.decodes))
             if self.on_step is not None:
-                self.on_step(time.perf_counter() - t0, len(out))
+                self.on_step(seconds, len(out))
             self._publish([self._update(s) for seq in out if (s := self._streams.get(seq.seq_id))])
         self._fail_all("the server is shutting down", reason="abort")
 
@@ -188,6 +197,11 @@ class AsyncEngine:
             self._loop.call_soon_threadsafe(_deliver, updates)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             pass
+
+
+def deployment_down(engine: LLMEngine) -> str | None:
+    """Why a distributed deployment cannot serve (a rank died or timed out), or None (docs/disaggregation.md)."""
+    return getattr(engine.runner, "down_reason", None)
 
 
 def _deliver(items: list[tuple[asyncio.Queue, Update]]) -> None:

@@ -29,7 +29,8 @@ def warmup_sizes(max_num_batched_tokens: int, max_model_len: int, ratio: float =
 
 
 def warm_up(engine: LLMEngine) -> float:
-    """Prefill each grid size alone, then decode a full batch; returns the seconds it took."""
+    """Prefill each grid size alone, decode a full batch, then capture every decode graph bucket; returns the
+    seconds it took."""
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(0)
     vocab = engine.model_config.vocab_size
@@ -38,4 +39,6 @@ def warm_up(engine: LLMEngine) -> float:
         engine.generate([torch.randint(vocab, (n,), generator=g).tolist()], params)
     batch = [torch.randint(vocab, (4,), generator=g).tolist() for _ in range(engine.config.max_num_seqs)]
     engine.generate(batch, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    if engine.runner.graphs is not None:  # batch sizes and context lengths vary under load: every bucket now
+        engine.runner.graphs.capture_all()
     return time.perf_counter() - t0
