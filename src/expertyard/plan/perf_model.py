@@ -18,11 +18,13 @@ E / n_e routed experts of every MoE layer. Per layer and micro-batch (times in s
 T_e and T_c are scaled by L_moe / L so that every per-layer figure is an average over the L layers (exact when
 all layers are MoE). With T_f = max(T_a, T_e) and R = T_a + T_e + 2 T_c (one round trip of a micro-batch):
 
-  iteration (= TPOT) = (L - 1) * P + (m - 1) * T_f + R + m * T_h,   P = max(m T_a, m T_e, m T_c, R)
+  iteration (= TPOT) = (L - 1) * P + (m - 1) * T_f + R + m * T_h,   P = max(m T_f, R)
 
-When the paper's conditions hold (T_c < T_f and m >= 2 (1 + T_c / T_f), which imply P = m T_f) this is the
-paper's (T_a + T_e + 2 T_c) + T_f (m L - 1), plus the LM head; when they do not, P is the per-layer period of
-the stalled pipeline. Throughput = B / iteration tokens/s. See docs/plan.md for the derivation.
+When the paper's ping-pong condition holds (m >= 2 (1 + T_c / T_f), which implies m T_f >= R, so P = m T_f)
+this is the paper's (T_a + T_e + 2 T_c) + T_f (m L - 1), plus the LM head; when it does not, P = R is the
+per-layer period of the stalled pipeline. Without T_h the formula equals, for every T_a, T_e, T_c, m and L, a
+discrete-event simulation of the ping-pong schedule (one attention server, one expert server, messages
+delayed by T_c; tests/test_plan_model.py). Link contention is not modelled: T_c < T_f keeps it hidden. Throughput = B / iteration tokens/s. See docs/plan.md for the derivation.
 
 Every function takes numpy arrays or scalars for n_a and b_a (broadcast), so the search evaluates thousands
 of deployments at once through the same code as `plan predict`.
@@ -166,7 +168,7 @@ def iteration_time(t_a, t_e, t_c, t_h, m, num_layers: int):
     """Seconds of one decode iteration (every sequence gets one token): see the module docstring."""
     t_f = np.maximum(t_a, t_e)
     r = t_a + t_e + 2 * t_c
-    period = np.maximum(np.maximum(m * t_f, m * t_c), r)
+    period = np.maximum(m * t_f, r)
     return (num_layers - 1) * period + (m - 1) * t_f + r + m * t_h
 
 

@@ -111,7 +111,7 @@ BUILTIN: dict[str, HardwareProfile] = {p.name: p for p in [
                "NVIDIA L40S datasheet: 48 GB GDDR6, 864 GB/s, BF16 733 TFLOPS with sparsity (362 dense)",
                "no NVLink: PCIe Gen4 x16, 64 GB/s both directions (32 each way)", _NIC_200),
     _datasheet("h20", "NVIDIA H20", 96, 4000, 148, 450, 50, 1.3,
-               "NVIDIA H20 product brief: 96 GB HBM3, 4.0 TB/s, BF16 148 TFLOPS dense",
+               "NVIDIA H20 datasheet (product brief): 96 GB HBM3, 4.0 TB/s, BF16 148 TFLOPS dense",
                "NVLink 4: 900 GB/s per GPU, both directions (450 each way)", _NIC_400),
 ]}
 
