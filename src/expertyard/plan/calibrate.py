@@ -49,16 +49,22 @@ def fit_line(xs, ys) -> Line:
 def time_calls(fns: list[Callable[[], object]], device: torch.device, repeats: int, graphs: bool) -> list[float]:
     """Seconds per call of each function. CUDA: events around `repeats` calls (replays of a captured CUDA graph
     when `graphs`, as the engine decodes). Other devices: `repeats` rounds that call every function once, and
-    the fastest call of each, so a burst of load from other processes spoils one round, not one point."""
+    the fastest call of each, so a burst of load from other processes spoils one round, not one point, on one
+    thread (the CPU path exists for tests: single-threaded timings are the stable ones on a shared machine)."""
     if device.type != "cuda":
         best = [float("inf")] * len(fns)
-        for fn in fns:
-            fn()
-        for _ in range(repeats):
-            for j, fn in enumerate(fns):
-                t0 = time.perf_counter()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # one thread: a multi-threaded matmul waits for cores other processes hold
+        try:
+            for fn in fns:
                 fn()
-                best[j] = min(best[j], time.perf_counter() - t0)
+            for _ in range(repeats):
+                for j, fn in enumerate(fns):
+                    t0 = time.perf_counter()
+                    fn()
+                    best[j] = min(best[j], time.perf_counter() - t0)
+        finally:
+            torch.set_num_threads(threads)
         return best
     return [_time_cuda(fn, repeats, graphs) for fn in fns]
 
@@ -247,4 +253,4 @@ def _comm_points():
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"CPU ({platform.processor() or platform.machine()}, 1 thread)"
