@@ -230,6 +230,9 @@ def run_calibrate(args) -> int:
           f"{profile.attn_tflops:,.2f} TFLOPS, experts {profile.expert_tflops:,.2f} TFLOPS, overheads "
           f"{profile.attn_overhead_us:.1f} / {profile.expert_overhead_us:.1f} us, link "
           f"{profile.intra_host_gbps:,.1f} GB/s + {profile.link_latency_us:.1f} us")
+    for key, source in profile.sources.items():
+        if key != "calibration":
+            print(f"  {key}: {source}")
     return 0
 
 

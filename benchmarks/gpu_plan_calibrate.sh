@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Issue 6, deployment planning: calibrate the plan profile on this GPU (attention step, fused_moe, and NCCL
+# send/recv when two GPUs are visible), plan with it, and run the plan's GPU tests. Under 2 minutes on one H200:
+#   OUT=/tmp/out bash benchmarks/gpu_plan_calibrate.sh
+set -uo pipefail
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/expertyard-plan}
+mkdir -p "$OUT"
+cli() { python3 -m expertyard.entrypoints.cli "$@"; }
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$OUT/device.txt"
+P="$OUT/profile_mixtral-8x7b.json"
+time cli plan calibrate --synthetic mixtral-8x7b --device cuda --out "$P" 2>&1 | tee "$OUT/calibrate.txt"
+cli plan predict --synthetic mixtral-8x7b --attention-ranks 1 --expert-ranks 1 --micro-batches 3 --batch 96 \
+    --profile "$P" 2>&1 | tee "$OUT/predict_2gpu.txt"
+cli plan predict --synthetic mixtral-8x7b --attention-ranks 2 --expert-ranks 2 --micro-batches 3 --batch 192 \
+    --profile "$P" 2>&1 | tee "$OUT/predict_4gpu.txt"
+cli plan --synthetic mixtral-8x22b --gpus 64 --profile "$P" --top 5 2>&1 | tee "$OUT/plan_mixtral-8x22b_64.txt"
+python3 -m pytest tests/gpu/test_plan_gpu.py -q -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
