@@ -26,6 +26,9 @@ class CachePolicy(ABC):
     def on_evict(self, key: ExpertKey) -> None:
         """`key` left the cache."""
 
+    def on_sequence_start(self) -> None:
+        """A new sequence begins (policies with per-sequence counters reset them)."""
+
     @abstractmethod
     def victim(self, candidates: Iterable[ExpertKey], now: int) -> ExpertKey:
         """The resident expert to evict, among `candidates` (resident and not protected; never empty)."""
