@@ -25,6 +25,7 @@ class ExpertShard(ExpertBackend):
         self.row = {layer: {e: j for j, e in enumerate(es)} for layer, es in self.local.items()}
         self.w13 = {layer: torch.empty(len(es), 2 * i, d, device=device, dtype=dtype) for layer, es in self.local.items()}
         self.w2 = {layer: torch.empty(len(es), d, i, device=device, dtype=dtype) for layer, es in self.local.items()}
+        self._expected = _all_experts(cfg)
 
     @classmethod
     def from_resident(cls, resident: ResidentExperts, cfg: ModelConfig, placement: ExpertPlacement,
@@ -64,14 +65,24 @@ class ExpertShard(ExpertBackend):
         dst.copy_(tensor)
 
     def expected_weights(self) -> set[tuple[int, int, str]]:
-        return {(layer, e, p) for layer, es in self.local.items() for e in es for p in ("gate", "up", "down")}
+        return self._expected  # every expert: the checkpoint must be complete, whichever share this rank keeps
 
 
 class NoExperts(ExpertBackend):
     """Loading placeholder for attention-only ranks: drops every routed-expert tensor."""
+
+    def __init__(self, cfg: ModelConfig):
+        self._expected = _all_experts(cfg)
+
+    def expected_weights(self) -> set[tuple[int, int, str]]:
+        return self._expected
 
     def forward(self, layer, x, topk_ids, topk_w):
         raise TypeError("this rank holds no routed experts")
 
     def load_expert_weight(self, layer, expert, proj, tensor) -> None:
         pass
+
+
+def _all_experts(cfg: ModelConfig) -> set[tuple[int, int, str]]:
+    return {(layer, e, p) for layer in cfg.moe_layers for e in range(cfg.moe.num_experts) for p in ("gate", "up", "down")}

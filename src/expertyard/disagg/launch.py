@@ -45,7 +45,18 @@ def rank_main(cfg: DisaggConfig, source: ModelSource, settings: EngineSettings, 
         torch.set_num_threads(torch_threads)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = rank_device(device_type, int(os.environ.get("LOCAL_RANK", 0)))
-    return run_rank(cfg, source, settings, rank, world, device, dtype, job)
+    try:
+        return run_rank(cfg, source, settings, rank, world, device, dtype, job)
+    except DeploymentDownError:
+        exit_now(1)
+
+
+def exit_now(status: int) -> None:
+    """Leave at once: the communicators' threads still wait on the dead peer, and an orderly interpreter
+    shutdown would abort on them (run_rank has printed the error)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def launch_local(cfg: DisaggConfig, source: ModelSource, settings: EngineSettings, device_type: str,

@@ -95,7 +95,7 @@ def run_rank(cfg: DisaggConfig, source: ModelSource, settings: EngineSettings, r
     combine = Exchanger(groups.combine, device, "combine (experts -> attention)")
     index = cfg.expert_rank_ids.index(rank) if role != "attention" else -1
     if role == "attention":
-        factory = lambda c, d, t: NoExperts()  # noqa: E731
+        factory = lambda c, d, t: NoExperts(c)  # noqa: E731
     else:
         factory = lambda c, d, t: ExpertShard(c, placement, index, d, t)  # noqa: E731
     loaded = source.load(device, dtype, factory)
@@ -110,26 +110,27 @@ def run_rank(cfg: DisaggConfig, source: ModelSource, settings: EngineSettings, r
             del model, loaded  # an expert rank keeps only its experts
             _free(device)
             follow(groups, None, worker)
-            return None
-        if role == "attention":
-            exchange = RemoteExperts(placement, cfg.expert_rank_ids, layout, dispatch, combine, device)
+            result = None
         else:
-            exchange = ColocatedExperts(shard, placement, layout, cfg.expert_ranks, dispatch, combine, device)
-        model.set_expert_backend(exchange)  # drops the full expert stacks of a random-weight model
-        _free(device)
-        max_len = effective_max_model_len(mcfg, settings.max_model_len)
-        kv = allocate_kv_cache(model, kv_rows_per_rank(cfg, settings.max_num_seqs), max_len, device, dtype)
-        attention = AttentionRank(model, kv, exchange, groups, cfg, device)
-        if rank != 0:
-            follow(groups, attention, None)
-            return None
-        return _drive(cfg, source, settings, loaded, attention, groups, job)
+            if role == "attention":
+                exchange = RemoteExperts(placement, cfg.expert_rank_ids, layout, dispatch, combine, device)
+            else:
+                exchange = ColocatedExperts(shard, placement, layout, cfg.expert_ranks, dispatch, combine, device)
+            model.set_expert_backend(exchange)  # drops the full expert stacks of a random-weight model
+            _free(device)
+            max_len = effective_max_model_len(mcfg, settings.max_model_len)
+            kv = allocate_kv_cache(model, kv_rows_per_rank(cfg, settings.max_num_seqs), max_len, device, dtype)
+            attention = AttentionRank(model, kv, exchange, groups, cfg, device)
+            if rank == 0:
+                result = _drive(cfg, source, settings, loaded, attention, groups, job)
+            else:
+                follow(groups, attention, None)
+                result = None
     except DeploymentDownError as e:
         print(f"expertyard: rank {rank} ({role}): deployment down: {e}", file=sys.stderr, flush=True)
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        raise  # no destroy_process_group: it would wait on the dead peer (callers leave with os._exit)
+    dist.destroy_process_group()
+    return result
 
 
 def _drive(cfg, source, settings, loaded, attention, groups, job):

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from expertyard.engine.llm_engine import LLMEngine
-from expertyard.server.async_engine import AsyncEngine
+from expertyard.server.async_engine import AsyncEngine, deployment_down
 from expertyard.server.chat import create_chat_completion
 from expertyard.server.completions import create_completion
 from expertyard.server.metrics import Metrics
@@ -71,6 +71,9 @@ def build_app(engine: LLMEngine, model_name: str, api_key: str | None = None,
     async def health():
         if not aengine.alive:
             return JSONResponse(APIError("the engine is not running", 503).body(), status_code=503)
+        if (down := deployment_down(engine)) is not None:
+            return JSONResponse(APIError(f"the deployment is down: {down}", 503, code="deployment_down").body(),
+                                status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")

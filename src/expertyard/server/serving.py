@@ -66,6 +66,8 @@ class ServerState:
             return await self.engine.call(lambda: [engine.encode(p) for p in prompts])
         except RequestError as e:
             raise APIError(str(e), param=param) from None
+        except APIError:  # the deployment is down (503)
+            raise
         except Exception as e:  # the tokenizer or chat template refused this input (e.g. roles out of order)
             if not self.engine.alive:
                 raise

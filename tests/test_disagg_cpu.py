@@ -1,0 +1,226 @@
+"""Disaggregated and colocated expert parallelism on CPU (gloo, float32): M2N buffers against the resident
+kernel, then whole deployments launched by torchrun's launcher against a single-process resident run (greedy
+tokens equal, log-probabilities within 1e-4), a killed rank, and the server's 503."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from expertyard.disagg import jobs
+from expertyard.disagg.config import DisaggConfig
+from expertyard.disagg.expert_shard import ExpertShard
+from expertyard.disagg.launch import exit_now, launch_local
+from expertyard.disagg.m2n import RowLayout, combine, pack_dispatch, unpack_dispatch
+from expertyard.disagg.placement import ExpertPlacement
+from expertyard.disagg.worker import EngineSettings, ModelSource, run_rank
+from expertyard.engine.llm_engine import EngineConfig, LLMEngine
+from expertyard.entrypoints.common import bundled_model_path
+from expertyard.errors import ConfigError, DeploymentDownError
+from expertyard.experts.resident import ResidentExperts
+from expertyard.kernels.fused_moe import fused_moe
+
+MAX_TOKENS = 6
+
+
+def tiny_hf_config():
+    """Shared expert with a sigmoid gate, a dense layer between MoE layers, top-3 of 8 experts."""
+    import transformers as tf
+
+    return tf.Qwen2MoeConfig(vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                             num_hidden_layers=3, max_position_embeddings=256, rms_norm_eps=1e-6,
+                             tie_word_embeddings=False, intermediate_size=96, moe_intermediate_size=32,
+                             num_experts=8, num_experts_per_tok=3, shared_expert_intermediate_size=48,
+                             mlp_only_layers=[1], architectures=["Qwen2MoeForCausalLM"])
+
+
+TINY = ModelSource(hf_config=tiny_hf_config(), std=0.15, name="tiny")
+BUNDLED = ModelSource(model_dir=bundled_model_path(), name="tiny-moe")
+SOURCES = {"tiny": TINY, "bundled": BUNDLED}
+
+
+def _prompts(vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (5, 13, 2, 9, 1)]  # 5 > max_num_seqs
+
+
+@functools.cache
+def _reference(source_name: str) -> tuple[list[list[int]], dict]:
+    source = SOURCES[source_name]
+    loaded = source.load(torch.device("cpu"), torch.float32, ResidentExperts)
+    prompts = _prompts(loaded.config.vocab_size)
+    engine = LLMEngine(loaded, None, EngineConfig(max_num_seqs=4, max_model_len=64), eos_token_ids=set())
+    return prompts, jobs.greedy(engine, prompts, MAX_TOKENS)
+
+
+def _assert_matches(got: dict, ref: dict) -> None:
+    assert got["tokens"] == ref["tokens"]
+    for a, b in zip(got["logprobs"], ref["logprobs"]):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.tensor(got["prompt_logprobs"]), torch.tensor(ref["prompt_logprobs"]),
+                               atol=1e-4, rtol=1e-4)
+
+
+# ---- M2N buffers, in one process ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tokens,num_ranks,replicate", [(7, 3, {}), (0, 2, {}), (16, 4, {0: [1, 5]}), (5, 1, {})])
+def test_dispatch_compute_combine_equals_fused_moe(tokens, num_ranks, replicate):
+    e, k, d, i = 8, 3, 16, 12
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(tokens, d, generator=g)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(tokens)]) if tokens else \
+        torch.empty(0, k, dtype=torch.long)
+    w = torch.rand(tokens, k, generator=g)
+    w13, w2 = torch.randn(e, 2 * i, d, generator=g) * 0.3, torch.randn(e, d, i, generator=g) * 0.3
+    placement = ExpertPlacement.balanced([0], e, num_ranks, replicate)
+    layout, cap = RowLayout(d, k, torch.float32), 16
+    buf, route = pack_dispatch(layout, x, ids, w, *placement.tables(0, x.device), num_ranks, cap)
+    assert buf.shape == (num_ranks * (cap + 1), layout.width)
+    answers = []
+    for n in range(num_ranks):  # what each expert rank does with the chunk it receives
+        shard = ExpertShard.__new__(ExpertShard)
+        shard.w13 = {0: w13[placement.local_experts(0, n)]}
+        shard.w2 = {0: w2[placement.local_experts(0, n)]}
+        got = unpack_dispatch(layout, buf.view(num_ranks, cap + 1, -1)[n], 1, cap)
+        assert int(got.counts[0]) == int(route.sent[:, n].sum())  # the header row carries the count
+        answers.append(shard.compute(0, got.x, got.local_ids, got.weights))
+    y = combine(route, torch.cat(answers), x.dtype)
+    torch.testing.assert_close(y, fused_moe(x, w13, w2, ids, w) if tokens else torch.zeros(0, d), atol=1e-5, rtol=1e-5)
+    if replicate:  # a replicated expert's tokens are spread over its copies
+        used = {int(r) for t in range(tokens) for r in route.sent[t].nonzero().flatten() if 1 in ids[t]}
+        assert len(used) > 1
+
+
+def test_placement_covers_every_rank_and_expert():
+    p = ExpertPlacement.balanced([0, 2], num_experts=4, num_ranks=6)
+    assert sorted({r for rs in p.holders[0] for r in rs}) == list(range(6))
+    assert all(p.local_experts(0, r) for r in range(6))
+    with pytest.raises(ConfigError, match="expert 9"):
+        ExpertPlacement.balanced([0], 4, 2, replicate={0: [9]})
+
+
+def test_config_errors_name_the_value():
+    with pytest.raises(ConfigError, match="micro_batches=5"):
+        DisaggConfig(micro_batches=5)
+    with pytest.raises(ConfigError, match="expert_ranks=3"):
+        DisaggConfig(mode="colocated", attention_ranks=2, expert_ranks=3)
+    with pytest.raises(ConfigError, match="dist_timeout=0"):
+        DisaggConfig(dist_timeout=0)
+    assert DisaggConfig(attention_ranks=2, expert_ranks=3).world_size == 5
+
+
+# ---- whole deployments ----------------------------------------------------------------------------------
+
+CASES = [  # (source, config, replicated hot experts, micro-batch counts)
+    ("tiny", DisaggConfig(attention_ranks=1, expert_ranks=1), {}, [1, 2, 3, 4]),
+    ("tiny", DisaggConfig(attention_ranks=2, expert_ranks=2), {}, [1, 2, 3, 4]),
+    ("tiny", DisaggConfig(attention_ranks=1, expert_ranks=3), {0: [0, 3], 2: [7]}, [1, 2, 3, 4]),
+    ("tiny", DisaggConfig.colocated(2), {}, [1, 2]),
+    ("tiny", DisaggConfig.colocated(4), {}, [1, 3]),
+    ("bundled", DisaggConfig(attention_ranks=2, expert_ranks=2), {}, [1, 2, 3, 4]),
+    ("bundled", DisaggConfig.colocated(2), {}, [1]),
+]
+
+
+@pytest.mark.parametrize("source_name,cfg,replicate,ms", CASES,
+                         ids=[f"{s}-{c.mode}-{c.attention_ranks}x{c.expert_ranks}" for s, c, _, _ in CASES])
+def test_deployment_matches_single_process(source_name, cfg, replicate, ms):
+    source = SOURCES[source_name]
+    prompts, ref = _reference(source_name)
+    settings = EngineSettings(max_num_seqs=4, max_model_len=64, replicate=replicate)
+    job = functools.partial(jobs.greedy_each_m, prompts=prompts, max_tokens=MAX_TOKENS, ms=ms)
+    results = launch_local(cfg, source, settings, "cpu", torch.float32, job, torch_threads=1)
+    assert sorted(results) == ms
+    for m in ms:
+        _assert_matches(results[m], ref)
+
+
+# ---- failures -------------------------------------------------------------------------------------------
+
+def _generate_until_down(engine, out_dir: str):
+    """Rank 0's job in the failure test: keep decoding; report the error and the runner's state."""
+    from expertyard.engine.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+    for p in ([5, 6, 7], [8, 9]):
+        engine.add_request(p, params)
+    steps = 0
+    try:
+        while engine.has_unfinished():
+            engine.step()
+            steps += 1
+            if steps == 3:
+                Path(out_dir, "decoding").write_text("")
+    except DeploymentDownError as e:
+        Path(out_dir, "rank0_error").write_text(f"{e}\n{engine.runner.down_reason}")
+        raise
+    return steps
+
+
+def _rank_process(rank: int, world: int, port: int, cfg: DisaggConfig, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    job = functools.partial(_generate_until_down, out_dir=out_dir)
+    try:
+        run_rank(cfg, TINY, EngineSettings(max_num_seqs=4, max_model_len=256), rank, world, torch.device("cpu"),
+                 torch.float32, job)
+    except DeploymentDownError:
+        exit_now(3)
+
+
+@pytest.mark.parametrize("how", ["kill", "stop"])
+def test_dead_or_hung_rank_ends_every_other_rank_with_an_error(tmp_path, how):
+    import multiprocessing as mp
+
+    from expertyard.disagg.launch import _free_port
+
+    timeout = 6.0
+    cfg = DisaggConfig(attention_ranks=2, expert_ranks=2, dist_timeout=timeout)
+    ctx, port = mp.get_context("spawn"), _free_port()
+    procs = [ctx.Process(target=_rank_process, args=(r, 4, port, cfg, str(tmp_path))) for r in range(4)]
+    for p in procs:
+        p.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "decoding").exists():
+            assert time.monotonic() < deadline and all(p.exitcode is None for p in procs), "never started decoding"
+            time.sleep(0.1)
+        victim = procs[3]  # an expert rank
+        os.kill(victim.pid, signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+        t0 = time.monotonic()
+        for p in procs[:3]:
+            p.join(timeout=timeout * 3 + 30)
+        elapsed = time.monotonic() - t0
+        assert [p.exitcode for p in procs[:3]] == [3, 3, 3], "every other rank exits with the error status"
+        assert elapsed < timeout * 3 + 30
+        message = (tmp_path / "rank0_error").read_text()
+        assert "rank 0" in message and ("died" in message or "timed out" in message)
+        assert message.splitlines()[-1] != "None"  # the runner remembers that the deployment is down
+    finally:
+        for p in procs:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGKILL)
+            p.join(5)
+
+
+def test_server_answers_503_while_the_deployment_is_down():
+    from fastapi.testclient import TestClient
+
+    from expertyard.server import build_app
+
+    loaded = TINY.load(torch.device("cpu"), torch.float32, ResidentExperts)
+    engine = LLMEngine(loaded, None, EngineConfig(max_num_seqs=2, max_model_len=64), eos_token_ids=set())
+    with TestClient(build_app(engine, "tiny")) as client:
+        ok = client.post("/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 2})
+        assert ok.status_code == 200
+        engine.runner.down_reason = "rank 3 (expert) died"  # what DistributedRunner records on a failure
+        health = client.get("/health")
+        assert health.status_code == 503 and "rank 3" in health.json()["error"]["message"]
+        r = client.post("/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 2})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "deployment_down"
