@@ -60,6 +60,23 @@ def add_offload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prefetch-depth", type=int, default=1, help="layers predicted ahead (1..3)")
     g.add_argument("--routing-trace", type=Path, default=None,
                    help="force the routers' choices from a recorded routing trace (.npz)")
+    g.add_argument("--policy-weights", type=Path, default=None,
+                   help="--policy hobbit: fitted weights (JSON from `expertyard simulate --fit-weights`; default: "
+                        "hobbit-weights.json beside the model, else built-in)")
+    g.add_argument("--low-precision", default=None, metavar="int4|int2|int8",
+                   help="keep a low-precision copy of every expert beside the full one (HOBBIT): quantized at load, "
+                        "or read from --low-precision-dir")
+    g.add_argument("--low-precision-dir", type=Path, default=None,
+                   help="directory of `expertyard quantize` files to load instead of quantizing at start-up "
+                        "(default: the model directory, if it holds experts.intN.safetensors)")
+    g.add_argument("--group-size", type=int, default=64, help="quantization group size when quantizing at load")
+    g.add_argument("--precision", choices=["full", "mixed", "low"], default=None,
+                   help="on a miss: full copies only; mixed = token-level precision (default with --low-precision); "
+                        "low = every expert from its low copy (quality baseline)")
+    g.add_argument("--precision-thresholds", default="0.6,0.9",
+                   help="T1,T2: a miss whose gate-weight score <= T1 loads full precision, <= T2 low, else skip")
+    g.add_argument("--low-pool-fraction", type=float, default=0.25,
+                   help="share of the expert cache's bytes given to the low-precision pool")
     g.add_argument("--stats", action="store_true", help="print expert cache and transfer statistics")
     g.add_argument("--timeline", type=Path, default=None, help="write a Chrome trace of compute and copy spans")
 
@@ -134,7 +151,6 @@ def configure_offload(engine: LLMEngine, args) -> None:
     """Split the GPU budget, allocate the expert cache and pick policy and predictor."""
     from expertyard.engine.kv_cache import kv_cache_bytes
     from expertyard.experts.budget import parse_size, plan_gpu_budget, workspace_bytes
-    from expertyard.experts.policies import make_policy
 
     if bool(args.gpu_memory_budget) == (args.expert_cache_fraction is not None):
         raise ConfigError("--offload needs one of --gpu-memory-budget SIZE (e.g. 24GiB) or --expert-cache-fraction F")
@@ -154,8 +170,69 @@ def configure_offload(engine: LLMEngine, args) -> None:
     if not args.json:
         print(plan.describe(), file=sys.stderr)
     predictor = make_predictor(args, model)
-    backend.configure(plan.slots, make_policy(args.policy), predictor, timeline=args.timeline is not None)
+    model_dir = None if getattr(args, "synthetic", None) else (args.model or bundled_model_path())
+    precision = args.precision or ("mixed" if args.low_precision else "full")
+    if precision != "full" and not args.low_precision:
+        raise ConfigError(f"--precision {precision} needs low-precision copies: add --low-precision int4 (or int2, int8)")
+    if precision == "full":
+        backend.configure(plan.slots, make_cache_policy(args, model_dir), predictor,
+                          timeline=args.timeline is not None)
+    else:
+        configure_low_precision(engine, args, plan, predictor, model_dir, precision)
     engine.offload_plan = plan
+
+
+def make_cache_policy(args, model_dir: Path | None):
+    from expertyard.experts.policies import make_policy
+
+    if args.policy != "hobbit":
+        if args.policy_weights is not None:
+            raise ConfigError(f"--policy-weights is for --policy hobbit, not {args.policy}")
+        return make_policy(args.policy)
+    from expertyard.experts.policies.hobbit import load_hobbit_weights
+
+    path = args.policy_weights
+    if path is None and model_dir is not None and (Path(model_dir) / "hobbit-weights.json").is_file():
+        path = Path(model_dir) / "hobbit-weights.json"
+    return make_policy("hobbit", weights=load_hobbit_weights(path)) if path else make_policy("hobbit")
+
+
+def configure_low_precision(engine: LLMEngine, args, plan, predictor, model_dir: Path | None, mode: str) -> None:
+    """Split the expert cache's bytes into a full-precision and a low-precision pool, and build (or read) the
+    low-precision host copies."""
+    from expertyard.experts.precision import PrecisionThresholds
+    from expertyard.quant.low_store import LowPrecisionStore, parse_low_precision
+    from expertyard.quant.packed_expert import ExpertLayout
+    from expertyard.quant.store import file_name
+
+    model, cfg, backend = engine.model, engine.model_config, engine.model.experts
+    bits = parse_low_precision(args.low_precision)
+    thresholds = PrecisionThresholds.parse(args.precision_thresholds)
+    if not 0 < args.low_pool_fraction < 1:
+        raise ConfigError(f"--low-pool-fraction {args.low_pool_fraction} must be in (0, 1)")
+    files = args.low_precision_dir
+    if files is None and model_dir is not None and (Path(model_dir) / file_name(bits)).is_file():
+        files = Path(model_dir)
+    pin = engine.device.type == "cuda"
+    if files is not None:
+        low = LowPrecisionStore.from_files(files, backend.keys, bits, model, cfg.hidden_size,
+                                           cfg.moe.intermediate_size, pin)
+    else:
+        ExpertLayout.build(cfg.hidden_size, cfg.moe.intermediate_size, bits, args.group_size)  # errors first
+        low = LowPrecisionStore.quantize(backend.store, backend.keys, bits, args.group_size, engine.device, pin,
+                                         progress=not args.json)
+    cache_bytes = plan.slots * backend.expert_bytes
+    high_slots = max(cfg.moe.top_k, round((1 - args.low_pool_fraction) * plan.slots))
+    low_slots = (cache_bytes - high_slots * backend.expert_bytes) // low.expert_bytes
+    if high_slots > plan.slots or low_slots < cfg.moe.top_k:
+        raise ConfigError(f"an expert cache of {plan.slots} full-precision slots is too small to split into a "
+                          f"full-precision and a low-precision pool of at least {cfg.moe.top_k} experts each; "
+                          "raise --gpu-memory-budget / --expert-cache-fraction, or use --precision full")
+    if not args.json:
+        print(f"expert cache split: {high_slots} full-precision slots + {low_slots} int{bits} slots "
+              f"({low.expert_bytes / 2**20:,.2f} MiB each), {mode} precision", file=sys.stderr)
+    backend.configure(high_slots, make_cache_policy(args, model_dir), predictor, timeline=args.timeline is not None)
+    backend.configure_low_precision(low, int(low_slots), make_cache_policy(args, model_dir), mode, thresholds)
 
 
 def make_predictor(args, model):

@@ -25,9 +25,12 @@ import torch
 from expertyard.config import ModelConfig
 from expertyard.errors import ConfigError
 from expertyard.experts.backend import ExpertBackend, Projection
-from expertyard.experts.cache_state import ExpertCacheState, Load
+from expertyard.experts.cache_state import CacheCounters, ExpertCacheState, Load
 from expertyard.experts.host_store import HostExpertStore
+from expertyard.experts.mixed_cache import (HIGH_POOL, LOW_POOL, MixedPrecisionCache, PoolLoad, PrecisionCounters,
+                                            adaptive_prefetch)
 from expertyard.experts.policies import CachePolicy
+from expertyard.experts.precision import FULL, LOW, SKIP, PrecisionThresholds, pair_plan
 from expertyard.experts.predictors.base import NoPredictor, Predictor
 from expertyard.experts.telemetry import Timeline, TransferStats
 from expertyard.kernels.fused_moe import fused_moe
@@ -71,18 +74,20 @@ class OffloadedExperts(ExpertBackend):
             raise ConfigError(f"an expert cache of {num_slots} slots cannot hold the {self.cfg.moe.top_k} experts "
                               "of one token")
         s, i, d = num_slots, self.cfg.moe.intermediate_size, self.cfg.hidden_size
-        self.pool = torch.empty(s, 3 * i * d, dtype=self.dtype, device=self.device)  # [S, 3*I*D]
+        self.pool = torch.zeros(s, 3 * i * d, dtype=self.dtype, device=self.device)  # [S, 3*I*D]; zeros: never NaN
         self.w13 = self.pool[:, :2 * i * d].view(s, 2 * i, d)  # [S, 2I, D]
         self.w2 = self.pool[:, 2 * i * d:].view(s, d, i)  # [S, D, I]
         self.state = ExpertCacheState(num_slots, policy)
+        self.mixed: MixedPrecisionCache | None = None  # set by configure_low_precision
         self.predictor = predictor or NoPredictor()
-        self.slot_table = torch.full((self.cfg.num_layers, self.num_experts), -1, dtype=torch.int32,
-                                     device=self.device)  # [L, E]: slot of each resident expert, else -1
+        self.slot_table = self._new_table()  # [L, E]: slot of each resident expert, else -1
+        self.tables = {HIGH_POOL: self.slot_table}
+        self.dest = {HIGH_POOL: self.pool}
         self.cuda = self.device.type == "cuda"
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(self.device)
-            self.ready: dict[int, torch.cuda.Event] = {}  # slot -> its last copy done
-            self.last_read: dict[int, torch.cuda.Event] = {}  # slot -> last kernel that read it done
+            self.ready: dict[tuple[str, int], torch.cuda.Event] = {}  # (pool, slot) -> its last copy done
+            self.last_read: dict[tuple[str, int], torch.cuda.Event] = {}  # (pool, slot) -> last kernel reading it
             self.pending: dict[int, list[torch.cuda.Event]] = {}  # layer -> copies of its prefetched experts
             self.host_buf = torch.empty(1 << 16, dtype=torch.int32, pin_memory=True)
             self.timeline = Timeline() if timeline else None
@@ -90,12 +95,44 @@ class OffloadedExperts(ExpertBackend):
         self.visits: list[tuple[int, list[int]]] | None = None  # set to [] to record every visit's experts
         self.reset_stats()
 
-    def reset_stats(self) -> None:
-        from expertyard.experts.cache_state import CacheCounters
+    def _new_table(self) -> torch.Tensor:
+        return torch.full((self.cfg.num_layers, self.num_experts), -1, dtype=torch.int32, device=self.device)
 
+    def configure_low_precision(self, low_store, low_slots: int, low_policy: CachePolicy, mode: str = "mixed",
+                                thresholds: PrecisionThresholds | None = None) -> None:
+        """Add a low-precision slot pool (after `configure`, whose slots become the full-precision pool).
+        mode "mixed": token-level precision on a miss (HOBBIT); "low": every pair accepts the low copy (quality
+        baselines: all-int8/int4/int2)."""
+        if mode not in ("mixed", "low"):
+            raise ConfigError(f"precision mode {mode!r}: choose mixed or low (full needs no low-precision pool)")
+        if low_slots < self.cfg.moe.top_k:
+            raise ConfigError(f"a low-precision pool of {low_slots} slots cannot hold the {self.cfg.moe.top_k} "
+                              "experts of one token; give the expert cache more memory")
+        from expertyard.quant.packed_expert import new_pool
+
+        self.low_store, self.low_layout = low_store, low_store.layout
+        self.low_pool = new_pool(low_slots, self.low_layout, self.device)  # [S_low, nbytes] uint8
+        self.low_table = self._new_table()
+        self.tables[LOW_POOL], self.dest[LOW_POOL] = self.low_table, self.low_pool
+        self.mixed = MixedPrecisionCache(self.state.capacity, self.state.policy, low_slots, low_policy)
+        self.state = self.mixed.high  # the full-precision path (visits too large for the pools) uses this pool
+        self.precision_mode = mode
+        self.thresholds = thresholds or PrecisionThresholds()
+        self.reset_stats()
+
+    def on_sequence_start(self) -> None:
+        """A new sequence begins (HOBBIT's counters are per sequence)."""
+        for state in (self.mixed.high, self.mixed.low) if self.mixed else (self.state,):
+            state.policy.on_sequence_start()
+
+    def reset_stats(self) -> None:
         if self.cuda:
             torch.cuda.synchronize(self.device)
         self.state.counters = CacheCounters()
+        if self.mixed is not None:
+            self.mixed.low.counters = CacheCounters()
+            self.mixed.counters = PrecisionCounters()
+        self.pairs_served = {"full": 0, "low": 0, "skipped": 0}  # (token, expert) pairs of mixed-precision visits
         self.stats = TransferStats()
         self._predicted: dict[int, set[int]] = {}
         self._pred_hits = self._pred_total = self._pred_needed = 0
@@ -108,7 +145,9 @@ class OffloadedExperts(ExpertBackend):
                        preds: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
         """`forward` with the predictions already made (piecewise CUDA graphs compute them in the graph)."""
         fits = topk_ids.numel() <= self.state.capacity
-        if self.cuda and fits:
+        if self.mixed is not None and topk_ids.numel() <= min(self.mixed.high.capacity, self.mixed.low.capacity):
+            y = self._forward_mixed(layer, x, topk_ids, topk_w, preds)
+        elif self.cuda and fits:
             y = self._forward_speculative(layer, x, topk_ids, topk_w, preds)
         else:
             y = self._forward_loaded_first(layer, x, topk_ids, topk_w, preds)
@@ -142,7 +181,7 @@ class OffloadedExperts(ExpertBackend):
         loads = self.state.access(layer, used, self.now)
         if loads:
             self._copy(loads)
-            self._wait(compute, [self.ready[ld.slot] for ld in loads])
+            self._wait(compute, [self.ready[(HIGH_POOL, ld.slot)] for ld in loads])
             missed = {ld.key[1]: ld.slot for ld in loads}
             miss_slots = torch.tensor([missed.get(e, -1) for e in ids], dtype=torch.int32)
             miss_slots = miss_slots.view(topk_ids.shape).to(self.device, non_blocking=True)
@@ -173,7 +212,7 @@ class OffloadedExperts(ExpertBackend):
             loads = self.state.access(layer, group, self.now)
             self._copy(loads)
             if self.cuda:
-                self._wait(compute, [self.ready[ld.slot] for ld in loads])
+                self._wait(compute, [self.ready[(HIGH_POOL, ld.slot)] for ld in loads])
             slot_of = {e: self.state.slot_of((layer, e)) for e in group}
             part = self._ffn_group(x, ids, slot_of, topk_ids.shape, topk_w, f"moe L{layer}", compute)
             y = part if y is None else y + part
@@ -182,6 +221,83 @@ class OffloadedExperts(ExpertBackend):
             self.state.end_visit(layer, group)
         self._prefetch(pred_ids)
         return y
+
+    def _forward_mixed(self, layer, x, topk_ids, topk_w, preds):
+        """Token-level precision (HOBBIT) over two pools. The device decides each pair's source from residency
+        (`precision.pair_plan`) and computes the resident ones at once: the full-precision kernel over full
+        copies, the dequantizing kernel over low copies accepted by their pair, skips renormalised away. The
+        host then reads routing and levels (the layer's one sync), loads what missed at the precision its pairs
+        need, and a second pass computes just the missed pairs."""
+        compute = torch.cuda.current_stream(self.device) if self.cuda else None
+        if self.cuda:
+            self._wait(compute, self.pending.pop(layer, []))
+        force = LOW if self.precision_mode == "low" else None
+        plan = pair_plan(topk_ids, topk_w, self.slot_table[layer], self.low_table[layer], self.thresholds, force)
+        y = (self._ffn_pool(x, plan.high_slots, plan.weights, HIGH_POOL, f"moe L{layer}", compute)
+             + self._ffn_pool(x, plan.low_slots, plan.weights, LOW_POOL, f"moe low L{layer}", compute))
+        routing = torch.cat([topk_ids.reshape(-1).to(torch.int32), plan.level.reshape(-1)])
+        if self.cuda:
+            routed, n = self._routing_to_host(routing.view(2, -1), preds)
+            t0 = time.perf_counter()
+            routed.synchronize()  # the layer's one host sync; the kernels above keep the GPU busy meanwhile
+            self.stats.host_sync_s += time.perf_counter() - t0
+            flat = self.host_buf[:n].tolist()
+        else:
+            flat = torch.cat([routing] + [p.reshape(-1).to(torch.int32) for _, p in preds]).tolist()
+        pairs = topk_ids.numel()
+        ids, level = flat[:pairs], flat[pairs:2 * pairs]
+        _, pred_ids = self._split(flat[pairs:], (1, pairs), preds)  # skip the levels, keep the predictions
+        missed = self._missed_pairs(layer, ids, level)  # which pairs the device plan left to the host
+        self._score_prediction(layer, list(dict.fromkeys(ids)))
+        visit = self.mixed.access(layer, list(zip(ids, level)), self.now)
+        self._copy_pools(visit.loads)
+        if missed:
+            if self.cuda:
+                self._wait(compute, [self.ready[(pl.pool, pl.load.slot)] for pl in visit.loads])
+            slots = {HIGH_POOL: [-1] * pairs, LOW_POOL: [-1] * pairs}
+            for p in missed:
+                pool, slot = visit.miss_source[ids[p]]
+                slots[pool][p] = slot
+                self.pairs_served["full" if pool == HIGH_POOL else "low"] += 1
+            for pool, name in ((HIGH_POOL, f"moe miss L{layer}"), (LOW_POOL, f"moe low miss L{layer}")):
+                if any(s >= 0 for s in slots[pool]):
+                    t = torch.tensor(slots[pool], dtype=torch.int32).view(topk_ids.shape)
+                    y = y + self._ffn_pool(x, t.to(self.device, non_blocking=True), plan.weights, pool, name, compute)
+        if self.cuda:
+            self._mark_read(compute, visit.high_used, layer, HIGH_POOL)
+            self._mark_read(compute, visit.low_used, layer, LOW_POOL)
+        self.mixed.end_visit(layer, visit)
+        self._prefetch(pred_ids)
+        return y
+
+    def _missed_pairs(self, layer: int, ids: list[int], level: list[int]) -> list[int]:
+        """Pairs `pair_plan` could not serve from residency before this visit (the host's mirror of its rule),
+        counting the served and skipped ones."""
+        high, low, missed = self.mixed.high.resident, self.mixed.low.resident, []
+        for p, (e, lv) in enumerate(zip(ids, level)):
+            key = (layer, e)
+            if key in high:
+                self.pairs_served["full"] += 1
+            elif key in low and lv != FULL:
+                self.pairs_served["low"] += 1
+            elif lv == SKIP:
+                self.pairs_served["skipped"] += 1
+            else:
+                missed.append(p)
+        return missed
+
+    def _ffn_pool(self, x, slots, weights, pool, name, stream):
+        """FFN over the pairs with a slot (>= 0) in `pool`; -1 pairs contribute nothing."""
+        if pool == HIGH_POOL:
+            if not self.cuda:  # the CPU kernel wants valid ids: weight 0 instead
+                return fused_moe(x, self.w13, self.w2, slots.clamp(min=0), weights * (slots >= 0))
+            return self._ffn(x, slots, weights, name, stream)
+        from expertyard.quant.ffn import fused_moe_quantized
+
+        if self.timeline is not None and self.cuda:
+            with self.timeline.span(name, "compute", stream):
+                return fused_moe_quantized(x, self.low_pool, self.low_layout, slots, weights)
+        return fused_moe_quantized(x, self.low_pool, self.low_layout, slots, weights)
 
     # ---- pieces ---------------------------------------------------------------------------------------
     def _split(self, flat: list[int], shape, preds) -> tuple[list[int], list[tuple[int, int]]]:
@@ -219,35 +335,44 @@ class OffloadedExperts(ExpertBackend):
         slots = torch.tensor([slot_of.get(e, 0) for e in ids]).view(shape)
         return fused_moe(x, self.w13, self.w2, slots, topk_w * keep)
 
-    def _copy(self, loads: list[Load]) -> None:
-        """Copy each loaded expert into its slot: on the copy stream after the slot's last reader (CUDA)."""
+    def _copy(self, loads: list[Load], pool: str = HIGH_POOL) -> None:
+        """Copy each loaded expert into its slot of `pool`: on the copy stream after the slot's last reader
+        (CUDA)."""
         if loads:
-            self._set_table(loads)
+            self._set_table(loads, pool)
+        dest = self.dest[pool]
         for ld in loads:
-            src = self.store.source(ld.key, self.device)
+            if pool == HIGH_POOL:
+                src, nbytes = self.store.source(ld.key, self.device), self.expert_bytes
+            else:
+                src, nbytes = self.low_store.source(ld.key), self.low_layout.nbytes
             self.stats.copies += 1
-            self.stats.bytes_copied += self.expert_bytes
+            self.stats.bytes_copied += nbytes
             if not self.cuda:
-                self.pool[ld.slot].copy_(src)
+                dest[ld.slot].copy_(src)
                 continue
-            stream = self.copy_stream
-            if ld.slot in self.last_read:
-                stream.wait_event(self.last_read.pop(ld.slot))
+            stream, where = self.copy_stream, (pool, ld.slot)
+            if where in self.last_read:
+                stream.wait_event(self.last_read.pop(where))
             start, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record(stream)
             with torch.cuda.stream(stream):
-                self.pool[ld.slot].copy_(src, non_blocking=True)
+                dest[ld.slot].copy_(src, non_blocking=True)
             done.record(stream)
-            self.ready[ld.slot] = done
+            self.ready[where] = done
             self.stats.copy_events.append((start, done))
             if self.timeline is not None:
-                kind = "prefetch" if ld.prefetch else "miss"
+                kind = ("prefetch" if ld.prefetch else "miss") + ("" if pool == HIGH_POOL else f" {pool}")
                 self.timeline.spans.append((f"{kind} L{ld.key[0]} E{ld.key[1]}", "copy", start, done))
-            if not self.store.in_memory(ld.key):
+            if pool == HIGH_POOL and not self.store.in_memory(ld.key):
                 self.store.mark_staging_read(src, done)
 
-    def _set_table(self, loads: list[Load]) -> None:
-        """Mirror residency changes into the device table, in compute-stream order."""
+    def _copy_pools(self, loads: list[PoolLoad]) -> None:
+        for pool in (HIGH_POOL, LOW_POOL):
+            self._copy([pl.load for pl in loads if pl.pool == pool], pool)
+
+    def _set_table(self, loads: list[Load], pool: str = HIGH_POOL) -> None:
+        """Mirror residency changes into the pool's device table, in compute-stream order."""
         rows, cols, vals = [], [], []
         for ld in loads:
             if ld.evicted is not None:
@@ -256,16 +381,25 @@ class OffloadedExperts(ExpertBackend):
         idx = torch.tensor([rows, cols, vals], dtype=torch.long)
         if self.cuda:
             idx = idx.pin_memory().to(self.device, non_blocking=True)
-        self.slot_table[idx[0], idx[1]] = idx[2].to(torch.int32)
+        self.tables[pool][idx[0], idx[1]] = idx[2].to(torch.int32)
 
     def _prefetch(self, keys: list[tuple[int, int]]) -> None:
         if not keys:
             return
-        loads = self.state.prefetch(keys, self.now)
-        self._copy(loads)
+        if self.mixed is not None:  # HOBBIT: low-precision copies, nearest layer first, deeper while cached
+            by_layer: dict[int, list[int]] = {}
+            for layer, e in keys:
+                by_layer.setdefault(layer, []).append(e)
+            pool_loads = adaptive_prefetch(self.mixed, list(by_layer.items()), self.now)
+            self._copy_pools(pool_loads)
+            ready = [((pl.pool, pl.load.slot), pl.load.key[0]) for pl in pool_loads]
+        else:
+            loads = self.state.prefetch(keys, self.now)
+            self._copy(loads)
+            ready = [((HIGH_POOL, ld.slot), ld.key[0]) for ld in loads]
         if self.cuda:
-            for ld in loads:
-                self.pending.setdefault(ld.key[0], []).append(self.ready[ld.slot])
+            for where, layer in ready:
+                self.pending.setdefault(layer, []).append(self.ready[where])
 
     def _wait(self, stream, events: list) -> None:
         if not events:
@@ -278,13 +412,14 @@ class OffloadedExperts(ExpertBackend):
         after.record(stream)
         self.stats.stall_events.append((before, after))
 
-    def _mark_read(self, stream, used: list[int], layer: int) -> None:
+    def _mark_read(self, stream, used: list[int], layer: int, pool: str = HIGH_POOL) -> None:
         done = torch.cuda.Event()
         done.record(stream)
+        state = self.state if pool == HIGH_POOL else self.mixed.low
         for e in used:
-            slot = self.state.slot_of((layer, e))
+            slot = state.slot_of((layer, e))
             if slot is not None:
-                self.last_read[slot] = done
+                self.last_read[(pool, slot)] = done
 
     # ---- reporting ------------------------------------------------------------------------------------
     def report(self, tokens: int) -> dict:
@@ -292,6 +427,7 @@ class OffloadedExperts(ExpertBackend):
         if self.cuda:
             torch.cuda.synchronize(self.device)
         c = self.state.counters
+        pc = self.mixed.low.counters if self.mixed is not None else c  # predictions go to the low pool (HOBBIT)
         accesses = c.hits + c.misses
         tokens = max(tokens, 1)
         busy = self.stats.busy_seconds() if self.cuda else 0.0
@@ -299,11 +435,19 @@ class OffloadedExperts(ExpertBackend):
         return {
             "cache_slots": self.state.capacity, "host_pinned": self.store.pinned, "hits": c.hits, "misses": c.misses,
             "hit_rate": c.hits / accesses if accesses else 0.0, "misses_per_token": c.misses / tokens,
-            "prefetches": c.prefetches, "prefetch_hits": c.prefetch_hits, "wasted_prefetches": c.wasted_prefetches,
-            "prefetch_precision": c.prefetch_hits / c.prefetches if c.prefetches else 0.0,
+            "prefetches": pc.prefetches, "prefetch_hits": pc.prefetch_hits, "wasted_prefetches": pc.wasted_prefetches,
+            "prefetch_precision": pc.prefetch_hits / pc.prefetches if pc.prefetches else 0.0,
             "predictor_precision": self._pred_hits / self._pred_total if self._pred_total else 0.0,
             "predictor_recall": self._pred_hits / self._pred_needed if self._pred_needed else 0.0,
             "bytes_copied": self.stats.bytes_copied, "bytes_per_token": self.stats.bytes_copied / tokens,
             "copy_busy_s": busy, "stall_ms_per_token": 1e3 * stall / tokens,
             "host_sync_ms_per_token": 1e3 * self.stats.host_sync_s / tokens,
-        }
+        } | (self._precision_report() if self.mixed is not None else {})
+
+    def _precision_report(self) -> dict:
+        pairs = max(sum(self.pairs_served.values()), 1)
+        return {"precision": self.precision_mode, "low_precision_bits": self.low_layout.bits,
+                "thresholds": [self.thresholds.full, self.thresholds.low], "low_cache_slots": self.mixed.low.capacity,
+                **{f"expert_{k}": v for k, v in self.mixed.counters.as_dict().items()},
+                "miss_penalty": self.mixed.counters.miss_penalty(self.low_layout.nbytes / self.expert_bytes),
+                **{f"pairs_{k}_fraction": v / pairs for k, v in self.pairs_served.items()}}

@@ -72,12 +72,16 @@ class PairPlan:
 
 
 def pair_plan(topk_ids: torch.Tensor, topk_w: torch.Tensor, high_table: torch.Tensor, low_table: torch.Tensor,
-              thresholds: PrecisionThresholds) -> PairPlan:
+              thresholds: PrecisionThresholds, force: int | None = None) -> PairPlan:
     """The speculative pass's plan. high_table/low_table [E] int32: the slot of each resident expert of this layer
     in the full / low-precision pool, -1 if absent. A pair is served by its full copy if resident; else by its
     low copy if resident and its level is LOW or SKIP; else it is skipped if its level is SKIP; else it misses
-    (slot -1 in both: the host loads it and a second pass computes it)."""
-    level = levels(topk_w, thresholds)  # [T, K]
+    (slot -1 in both: the host loads it and a second pass computes it). `force`: one level for every pair
+    instead of the thresholds (LOW: the all-low-precision quality baselines)."""
+    if force is None:
+        level = levels(topk_w, thresholds)  # [T, K]
+    else:
+        level = torch.full(topk_ids.shape, force, dtype=torch.int32, device=topk_ids.device)
     hs = high_table[topk_ids]  # [T, K]
     ls = low_table[topk_ids]
     in_high = hs >= 0

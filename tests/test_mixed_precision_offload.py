@@ -1,0 +1,155 @@
+"""Mixed-precision offloading (HOBBIT) in the backend: each pair computed from the copy the rule gives it, against
+a naive float64 reference written from the rule's definition; the all-FULL and all-LOW corners against resident
+models; quantized copies read from `expertyard quantize` files."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from expertyard.engine.llm_engine import EngineConfig, LLMEngine
+from expertyard.engine.sampling_params import SamplingParams
+from expertyard.entrypoints.cli import main
+from expertyard.errors import ConfigError
+from expertyard.experts.offloaded import OffloadedExperts
+from expertyard.experts.policies import make_policy
+from expertyard.experts.precision import PrecisionThresholds
+from expertyard.experts.predictors import NextGatePredictor
+from expertyard.loader import load_model
+from expertyard.quant.low_store import LowPrecisionStore
+from expertyard.quant.packed_expert import dequantize_expert
+
+
+def _offloaded(path, high_slots, low_slots, bits=4, mode="mixed", thresholds=None, depth=0, policy="lru"):
+    loaded = load_model(path, "cpu", torch.float32, progress=False,
+                        backend_factory=lambda c, d, t: OffloadedExperts(c, d, t))
+    backend = loaded.model.experts
+    pred = NextGatePredictor(loaded.model, depth) if depth else None
+    backend.configure(high_slots, make_policy(policy), pred)
+    low = LowPrecisionStore.quantize(backend.store, backend.keys, bits, 16, torch.device("cpu"), pin=False,
+                                     progress=False)
+    backend.configure_low_precision(low, low_slots, make_policy(policy), mode, thresholds)
+    return loaded
+
+
+def _naive_visit(backend, layer, x, ids, w, th):
+    """y [T, D] float64 from the rule's definition, given residency *before* the visit."""
+    d, i = backend.cfg.hidden_size, backend.cfg.moe.intermediate_size
+    high = {e for (l, e) in backend.mixed.high.resident if l == layer}
+    low = {e for (l, e) in backend.mixed.low.resident if l == layer}
+    wn = w.double() / w.double().sum(-1, keepdim=True)
+    y = torch.zeros(x.shape[0], d, dtype=torch.float64)
+    lv = torch.zeros(ids.shape, dtype=torch.long)
+    for t in range(ids.shape[0]):
+        above = 0.0
+        for k in sorted(range(ids.shape[1]), key=lambda k: -float(wn[t, k])):
+            lv[t, k] = 0 if above <= th.full else 1 if above <= th.low else 2
+            above += float(wn[t, k])
+    need_full = {int(ids[t, k]) for t in range(ids.shape[0]) for k in range(ids.shape[1]) if lv[t, k] == 0}
+    for t in range(ids.shape[0]):
+        src = []
+        for k in range(ids.shape[1]):
+            e = int(ids[t, k])
+            if e in high or (e not in low and lv[t, k] != 2 and e in need_full):
+                src.append("full")
+            elif (e in low and lv[t, k] != 0) or lv[t, k] == 1:
+                src.append("low")
+            elif lv[t, k] == 2:
+                src.append(None)
+            else:
+                src.append("full")  # FULL pair whose expert only has a low copy: a full load
+        kept = sum(float(w[t, k]) for k in range(ids.shape[1]) if src[k])
+        scale = float(w[t].double().sum()) / kept
+        for k, s in enumerate(src):
+            if s is None:
+                continue
+            e = int(ids[t, k])
+            flat = backend.store.source((layer, e), torch.device("cpu")).double()
+            if s == "full":
+                w13 = flat[:2 * i * d].view(2 * i, d)
+                w2 = flat[2 * i * d:].view(d, i)
+            else:
+                w13, w2 = dequantize_expert(backend.low_store.source((layer, e)), backend.low_layout, torch.float64)
+            gu = x[t].double() @ w13.T
+            h = F.silu(gu[:i]) * gu[i:]
+            y[t] += float(w[t, k]) * scale * (h @ w2.T)
+    return y
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_each_pair_uses_the_copy_the_rule_gives_it(arch, tiny_checkpoint):
+    path, _ = tiny_checkpoint(arch)
+    loaded = _offloaded(path, high_slots=3, low_slots=5)
+    backend, cfg = loaded.model.experts, loaded.config
+    th = PrecisionThresholds(0.5, 0.8)  # tiny routers are flat: thresholds that reach every branch
+    backend.thresholds = th
+    g = torch.Generator().manual_seed(0)
+    e, k = cfg.moe.num_experts, cfg.moe.top_k
+    for step in range(24):
+        layer = cfg.moe_layers[step % len(cfg.moe_layers)]
+        x = torch.randn(1, cfg.hidden_size, generator=g)
+        ids = torch.randperm(e, generator=g)[:k][None]
+        w = torch.rand(1, k, generator=g) ** 4 + 1e-3
+        ref = _naive_visit(backend, layer, x, ids, w, th)
+        y = backend.forward_routed(layer, x, ids, w, [])
+        torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-4)
+    served = backend.pairs_served
+    assert served["full"] and served["low"] and served["skipped"], served
+    report = backend.report(tokens=24)
+    assert report["expert_full_misses"] > 0 and report["expert_low_misses"] > 0
+    assert report["bytes_copied"] == (backend.expert_bytes * report["expert_full_misses"]
+                                      + backend.low_layout.nbytes * report["expert_low_misses"])
+
+
+def test_all_full_thresholds_give_the_full_precision_tokens(tiny_checkpoint):
+    path, _ = tiny_checkpoint("qwen3_moe")
+    prompts = [[5, 9, 11, 3], [7, 7, 2]]
+    params = SamplingParams(temperature=0, max_tokens=10, logprobs=1)
+    ref = LLMEngine(load_model(path, "cpu", torch.float32, progress=False), None,
+                    EngineConfig(max_num_seqs=2, max_model_len=64, max_num_batched_tokens=1), eos_token_ids=set())
+    ref_out = ref.generate(prompts, params)
+    loaded = _offloaded(path, high_slots=5, low_slots=4, thresholds=PrecisionThresholds(1.0, 1.0), depth=1)
+    engine = LLMEngine(loaded, None, EngineConfig(max_num_seqs=2, max_model_len=64, max_num_batched_tokens=1),
+                       eos_token_ids=set())
+    out = engine.generate(prompts, params)
+    assert [s.output_token_ids for s in out] == [s.output_token_ids for s in ref_out]
+    torch.testing.assert_close(torch.tensor([[x["logprob"] for x in s.logprobs] for s in out]),
+                               torch.tensor([[x["logprob"] for x in s.logprobs] for s in ref_out]), atol=1e-4, rtol=1e-4)
+    assert loaded.model.experts.pairs_served["low"] == 0
+
+
+def test_all_low_equals_a_resident_model_of_dequantized_experts(tiny_checkpoint):
+    path, _ = tiny_checkpoint("qwen3_moe")
+    loaded = _offloaded(path, high_slots=5, low_slots=4, bits=2, mode="low")
+    backend = loaded.model.experts
+    ref = load_model(path, "cpu", torch.float32, progress=False)
+    for (layer, e) in backend.keys:  # the reference: resident experts replaced by their dequantized int2 copies
+        w13, w2 = dequantize_expert(backend.low_store.source((layer, e)), backend.low_layout)
+        ref.model.experts.w13[layer][e].copy_(w13)
+        ref.model.experts.w2[layer][e].copy_(w2)
+    cfg = EngineConfig(max_num_seqs=1, max_model_len=64, max_num_batched_tokens=1)
+    ids = [5, 9, 11, 3, 8, 1, 2, 40, 17]
+    ours = LLMEngine(loaded, None, cfg, eos_token_ids=set()).score(ids)
+    theirs = LLMEngine(ref, None, cfg, eos_token_ids=set()).score(ids)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    assert backend.pairs_served["full"] == 0 and backend.pairs_served["skipped"] == 0
+
+
+def test_cli_mixed_precision_with_quantize_files(tmp_path, capsys):
+    """`expertyard quantize` files are read instead of quantizing; a file for other shapes is refused; bad flags
+    name the value."""
+    from expertyard.entrypoints.common import bundled_model_path
+
+    assert main(["quantize", "--bits", "4", "--out", str(tmp_path / "q"), "--json"]) == 0
+    capsys.readouterr()
+    args = ["generate", "--prompt", "Once upon a time", "--max-tokens", "8", "--offload", "--expert-cache-fraction",
+            "0.5", "--predictor", "none", "--json"]
+    assert main(args + ["--low-precision", "int4", "--low-precision-dir", str(tmp_path / "q"), "--stats"]) == 0
+    out = capsys.readouterr().out
+    assert '"precision": "mixed"' in out and '"low_precision_bits": 4' in out
+    assert main(args + ["--precision", "mixed"]) == 2
+    assert "--low-precision" in capsys.readouterr().err
+    assert main(args + ["--low-precision", "int3"]) == 2
+    assert "int3" in capsys.readouterr().err
+    assert main(args + ["--low-precision", "int4", "--precision-thresholds", "0.9,0.2"]) == 2
+    assert "0.9" in capsys.readouterr().err
+    assert bundled_model_path().is_dir()
