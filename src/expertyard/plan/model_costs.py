@@ -117,7 +117,8 @@ def model_costs(cfg: ModelConfig, bytes_per_param: int = 2) -> ModelCosts:
         num_layers=cfg.num_layers, num_moe_layers=len(cfg.moe_layers), hidden_size=cfg.hidden_size,
         num_experts=cfg.moe.num_experts, top_k=cfg.moe.top_k, num_heads=a.num_heads,
         kv_shards=1 if a.kind == "mla" else a.num_kv_heads, expert_intermediate=cfg.moe.intermediate_size,
-        vocab_size=cfg.vocab_size, attn_params_per_layer=attn_params / cfg.num_layers, kv_elems_per_token=kv_elems / cfg.num_layers,
+        vocab_size=cfg.vocab_size, attn_params_per_layer=attn_params / cfg.num_layers,
+        kv_elems_per_token=kv_elems / cfg.num_layers,
         expert_params=3 * cfg.hidden_size * cfg.moe.intermediate_size,
         head_params=vocab_matrix * (1 if cfg.tie_word_embeddings else 2), bytes_per_param=bytes_per_param,
         sliding_window=a.sliding_window)

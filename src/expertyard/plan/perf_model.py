@@ -24,7 +24,8 @@ When the paper's ping-pong condition holds (m >= 2 (1 + T_c / T_f), which implie
 this is the paper's (T_a + T_e + 2 T_c) + T_f (m L - 1), plus the LM head; when it does not, P = R is the
 per-layer period of the stalled pipeline. Without T_h the formula equals, for every T_a, T_e, T_c, m and L, a
 discrete-event simulation of the ping-pong schedule (one attention server, one expert server, messages
-delayed by T_c; tests/test_plan_model.py). Link contention is not modelled: T_c < T_f keeps it hidden. Throughput = B / iteration tokens/s. See docs/plan.md for the derivation.
+delayed by T_c; tests/test_plan_model.py). Link contention is not modelled: T_c < T_f keeps it hidden.
+Throughput = B / iteration tokens/s. See docs/plan.md for the derivation.
 
 Every function takes numpy arrays or scalars for n_a and b_a (broadcast), so the search evaluates thousands
 of deployments at once through the same code as `plan predict`.

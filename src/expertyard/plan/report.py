@@ -15,8 +15,8 @@ def _fmt(v: float | None, digits: int = 0) -> str:
 def table(headers: list[str], rows: list[list[str]], markdown: bool = False) -> str:
     """Columns aligned: text left, numbers right (or a Markdown table)."""
     if markdown:
-        out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|"]
-        return "\n".join(out + ["| " + " | ".join(r) + " |" for r in rows])
+        rule = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|"
+        return "\n".join(["| " + " | ".join(headers) + " |", rule, *("| " + " | ".join(r) + " |" for r in rows)])
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
                                    for i, (c, w) in enumerate(zip(cells, widths)))
