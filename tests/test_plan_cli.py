@@ -49,6 +49,11 @@ def test_predict_matches_the_model(capsys):
     assert main(["plan", "predict", "--synthetic", "mixtral-8x7b", "--attention-ranks", "2", "--expert-ranks", "2",
                  "--micro-batches", "3", "--batch", "96"]) == 0
     assert "TPOT" in capsys.readouterr().out
+    short = _json(capsys, ["plan", "predict", "--synthetic", "mixtral-8x7b", "--num-layers", "8", "--attention-ranks",
+                           "2", "--expert-ranks", "2", "--micro-batches", "3", "--batch", "96", "--profile", "h100",
+                           "--json"])
+    t_f = max(t_a, t_e)  # same per-layer times, 8 layers instead of 32
+    assert short["tpot"] == pytest.approx((t_a + t_e + 2 * t_c) + t_f * (3 * 8 - 1) + 3 * t_h)
 
 
 def test_calibrate_on_cpu_fits_the_measured_points(capsys, tmp_path):

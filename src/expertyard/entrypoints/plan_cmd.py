@@ -27,6 +27,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--model", type=Path, help="local Hugging Face model directory (only config.json is read); "
                                                 "default: the bundled model")
     src.add_argument("--synthetic", choices=plan_model_names(), help="a model shape by name (no weights)")
+    p.add_argument("--num-layers", type=int, default=None, help="shorten a --synthetic model to N layers")
 
 
 def _hardware_args(p: argparse.ArgumentParser, workload: bool = True) -> None:
@@ -119,7 +120,7 @@ def _ints(text: str, flag: str) -> list[int]:
     return vals
 
 
-def _perf_model(args, synthetic: str | None = None, model: Path | None = None):
+def _perf_model(args, synthetic: str | None = None, model: Path | None = None, num_layers: int | None = None):
     from expertyard.plan.model_costs import model_costs
     from expertyard.plan.model_specs import model_config_for
     from expertyard.plan.perf_model import PerfModel, Workload
@@ -128,7 +129,7 @@ def _perf_model(args, synthetic: str | None = None, model: Path | None = None):
     attn = load_profile(args.gpu).with_price(args.price)
     expert = load_profile(args.expert_gpu or args.gpu).with_price(args.expert_price if args.expert_gpu else
                                                                  (args.expert_price or args.price))
-    cfg = model_config_for(synthetic, model)
+    cfg = model_config_for(synthetic, model, num_layers)
     return PerfModel(model_costs(cfg, DTYPE_BYTES[args.dtype]), attn, expert, Workload(args.context_len, args.max_len))
 
 
@@ -152,8 +153,8 @@ def run_search(args) -> int:
 
     if args.gpus is None:
         raise ConfigError("expertyard plan needs --gpus N (or a subcommand: predict, calibrate, table)")
-    pm = _perf_model(args, args.synthetic, args.model)
-    label = model_label(args.synthetic, args.model)
+    pm = _perf_model(args, args.synthetic, args.model, args.num_layers)
+    label = model_label(args.synthetic, args.model, args.num_layers)
     cons = _constraints(args)
     best = best_plan(pm, args.gpus, cons, label)
     plans = search(pm, args.gpus, cons)[: args.top]
@@ -185,8 +186,8 @@ def run_predict(args) -> int:
     if m < 1 or args.batch < 1 or args.batch % (n_a * m):
         raise ConfigError(f"--batch {args.batch} must be a positive multiple of attention nodes x micro-batches = "
                           f"{n_a} x {m} = {n_a * m} (each micro-batch of each attention node holds batch/{n_a * m})")
-    pm = _perf_model(args, args.synthetic, args.model)
-    label = model_label(args.synthetic, args.model)
+    pm = _perf_model(args, args.synthetic, args.model, args.num_layers)
+    label = model_label(args.synthetic, args.model, args.num_layers)
     q = predict(pm, Deployment(args.tp_attention, args.tp_expert, n_a, n_e, m, args.batch // (n_a * m)))
     if args.json:
         print(json.dumps({"model": label, "attention_profile": pm.ha.name, "expert_profile": pm.he.name,
@@ -210,8 +211,8 @@ def run_calibrate(args) -> int:
     if base is None:
         gpu = torch.cuda.get_device_name(device).lower() if device.type == "cuda" else ""
         base = next((name for name in BUILTIN if name in gpu), "h200")
-    label = model_label(args.synthetic, args.model)
-    profile = calibrate(model_config_for(args.synthetic, args.model), label, device, DTYPES[args.dtype] if args.dtype
+    label = model_label(args.synthetic, args.model, args.num_layers)
+    profile = calibrate(model_config_for(args.synthetic, args.model, args.num_layers), label, device, DTYPES[args.dtype] if args.dtype
                         else dtype, load_profile(base), name=args.name, context_len=args.context_len,
                         batches=_ints(args.batch_sizes, "--batch-sizes") if args.batch_sizes else None,
                         pairs=_ints(args.pairs, "--pairs") if args.pairs else None, repeats=args.repeats,

@@ -43,18 +43,26 @@ def plan_model_names() -> list[str]:
     return sorted({*SYNTHETIC_MODELS, *PAPER_MODELS})
 
 
-def hf_config_for(synthetic: str | None, model: Path | None):
-    """The transformers config of a --synthetic name, a --model directory, or (neither) the bundled model."""
+def hf_config_for(synthetic: str | None, model: Path | None, num_layers: int | None = None):
+    """The transformers config of a --synthetic name (shortened to `num_layers`), a --model directory, or
+    (neither) the bundled model."""
     if synthetic and model:
         raise ConfigError("give one of --model DIR and --synthetic NAME, not both")
+    if num_layers is not None and not synthetic:
+        raise ConfigError("--num-layers shortens a --synthetic model only")
     if synthetic:
-        if synthetic in PAPER_MODELS:
-            return PAPER_MODELS[synthetic]()
         from expertyard.synthetic import SYNTHETIC_MODELS, synthetic_hf_config
 
-        if synthetic not in SYNTHETIC_MODELS:
+        if synthetic in SYNTHETIC_MODELS:
+            return synthetic_hf_config(synthetic, num_layers)
+        if synthetic not in PAPER_MODELS:
             raise ConfigError(f"unknown --synthetic model {synthetic!r}; choose one of {', '.join(plan_model_names())}")
-        return synthetic_hf_config(synthetic)
+        hf_config = PAPER_MODELS[synthetic]()
+        if num_layers is not None:
+            if not 1 <= num_layers <= hf_config.num_hidden_layers:
+                raise ConfigError(f"--num-layers {num_layers} must be in 1..{hf_config.num_hidden_layers} for {synthetic}")
+            hf_config.num_hidden_layers = num_layers
+        return hf_config
     from expertyard.entrypoints.common import bundled_model_path
     from expertyard.loader.checkpoint import read_hf_config
 
@@ -64,11 +72,14 @@ def hf_config_for(synthetic: str | None, model: Path | None):
     return read_hf_config(path)
 
 
-def model_config_for(synthetic: str | None = None, model: Path | None = None) -> ModelConfig:
+def model_config_for(synthetic: str | None = None, model: Path | None = None,
+                     num_layers: int | None = None) -> ModelConfig:
     from expertyard.loader.load import model_config_from_hf
 
-    return model_config_from_hf(hf_config_for(synthetic, model))
+    return model_config_from_hf(hf_config_for(synthetic, model, num_layers))
 
 
-def model_label(synthetic: str | None, model: Path | None) -> str:
-    return synthetic or (Path(model).name if model else "tiny-moe (bundled)")
+def model_label(synthetic: str | None, model: Path | None, num_layers: int | None = None) -> str:
+    if synthetic:
+        return synthetic + (f" ({num_layers} layers)" if num_layers else "")
+    return Path(model).name if model else "tiny-moe (bundled)"
