@@ -74,10 +74,9 @@ def launch_local(cfg: DisaggConfig, source: ModelSource, settings: EngineSetting
     try:
         results = elastic_launch(config, rank_main)(cfg, source, settings, device_type, dtype, job, torch_threads)
     except ChildFailedError as e:
-        first = e.get_first_failure()[1]
-        raise DeploymentDownError(f"rank {first.global_rank} failed (exit code {first.exitcode}): "
-                                  f"{first.message if isinstance(first.message, str) else first.message.get('message', '')}"
-                                  ) from None
+        rank, failure = e.get_first_failure()
+        how = f"signal {-failure.exitcode}" if failure.exitcode < 0 else f"exit status {failure.exitcode}"
+        raise DeploymentDownError(f"rank {rank} ended with {how}") from None
     return results[0]
 
 

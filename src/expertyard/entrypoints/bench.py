@@ -16,6 +16,7 @@ from expertyard.engine.llm_engine import EngineConfig, LLMEngine
 from expertyard.engine.sampling_params import SamplingParams
 from expertyard.entrypoints.common import (add_model_args, add_offload_args, engine_from_args, load_from_args,
                                           resolve_device)
+from expertyard.disagg.flags import add_disagg_args
 from expertyard.errors import ConfigError
 from expertyard.loader.load import LoadedModel
 
@@ -25,6 +26,7 @@ def add_parser(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(p, synthetic=True)
     add_offload_args(p)
+    add_disagg_args(p, bench=True)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--batch-sizes", default="1,32", help="comma-separated")
@@ -67,6 +69,10 @@ def run(args) -> int:
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     if min(batch_sizes) < 1 or args.prompt_len < 1 or args.decode_tokens < 2:
         raise ConfigError("--batch-sizes, --prompt-len must be >= 1 and --decode-tokens >= 2")
+    if args.disaggregate:  # decode tok/s, per GPU and TPOT for each m (docs/disaggregation.md)
+        from expertyard.disagg.cli import bench, print_bench_table
+
+        return _emit(bench(args, batch_sizes), args, print_bench_table)
     if args.offload:
         return run_offloaded(args, batch_sizes)
     device, dtype = resolve_device(args)

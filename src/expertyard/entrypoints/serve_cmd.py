@@ -8,6 +8,7 @@ import signal
 import sys
 
 from expertyard.entrypoints.common import add_model_args, add_offload_args, engine_from_args
+from expertyard.disagg.flags import add_disagg_args
 from expertyard.errors import ConfigError
 
 
@@ -16,6 +17,7 @@ def add_parser(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(p, synthetic=True)
     add_offload_args(p)
+    add_disagg_args(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network")
     g.add_argument("--port", type=int, default=8000)
@@ -56,6 +58,10 @@ def run(args) -> int:
         raise ConfigError(f"--port {args.port} must be in 0..65535")
     if args.max_request_bytes < 1024:
         raise ConfigError(f"--max-request-bytes {args.max_request_bytes} must be >= 1024")
+    if args.disaggregate:  # several ranks through torchrun's launcher; the server runs on attention rank 0
+        from expertyard.disagg.cli import serve
+
+        return serve(args)
     engine = engine_from_args(args, max_num_batched_tokens=args.max_num_batched_tokens)
     if args.warmup == "on" or (args.warmup == "auto" and engine.device.type == "cuda"):
         from expertyard.server.warmup import warm_up
