@@ -39,10 +39,20 @@ def add_parser(sub) -> None:
                    help="model directory for next-gate/trained predictors and the expert size; None: the bundled model")
     p.add_argument("--batch-size", type=int, default=1, help="sequences decoded together (union of experts)")
     p.add_argument("--max-tokens", type=int, default=None, help="replay only the first N tokens")
+    p.add_argument("--start-token", type=int, default=0,
+                   help="replay from this token on (the first token of a sequence; e.g. a held-out part)")
     p.add_argument("--expert-bytes", type=int, default=None,
                    help="bytes of one expert; None: bf16 3*D*I of --model, or of the trace's model if known")
     p.add_argument("--jobs", type=int, default=1, help="simulations run in parallel processes")
     p.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
+    p.add_argument("--policy-weights", type=Path, default=None,
+                   help="hobbit: weights file (from --fit-weights); None: equal weights")
+    p.add_argument("--adaptive-prefetch", action="store_true",
+                   help="HOBBIT's adaptive prefetch: a deeper layer's predictions only while the nearer ones were "
+                        "all cached")
+    from expertyard.entrypoints.simulate_mixed import add_mixed_args
+
+    add_mixed_args(p)
     p.set_defaults(func=run)
 
 
@@ -68,23 +78,32 @@ def _norm(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
+def model_config_for(trace: Trace, args):
+    """The trace's model config (`--model`, the bundled model, or the real shapes of a model expertyard knows)
+    and its name for reports; (None, None) when unknown."""
+    if args.model is not None:
+        return _config(args.model), args.model.name
+    if _norm(trace.model) == _norm(_model_path(args).name):
+        return _config(_model_path(args)), f"bundled {trace.model}"
+    from expertyard.synthetic import SYNTHETIC_MODELS, synthetic_hf_config
+    from expertyard.loader.load import model_config_from_hf
+
+    for name in SYNTHETIC_MODELS:  # real shapes of the models expertyard knows
+        if _norm(name) in _norm(trace.model):
+            return model_config_from_hf(synthetic_hf_config(name)), f"{name} shapes"
+    return None, None
+
+
 def expert_bytes_for(trace: Trace, args) -> tuple[int | None, str]:
     """Bytes of one routed expert and where the number comes from."""
     if args.expert_bytes is not None:
         if args.expert_bytes < 1:
             raise ConfigError(f"--expert-bytes {args.expert_bytes} must be >= 1")
         return args.expert_bytes, "--expert-bytes"
-    if args.model is not None:
-        return _config(args.model).expert_bytes(2), f"bf16, {args.model.name}"
-    if _norm(trace.model) == _norm(_model_path(args).name):
-        return _config(_model_path(args)).expert_bytes(2), f"bf16, bundled {trace.model}"
-    from expertyard.synthetic import SYNTHETIC_MODELS, synthetic_hf_config
-    from expertyard.loader.load import model_config_from_hf
-
-    for name in SYNTHETIC_MODELS:  # real shapes of the models expertyard knows
-        if _norm(name) in _norm(trace.model):
-            return model_config_from_hf(synthetic_hf_config(name)).expert_bytes(2), f"bf16, {name} shapes"
-    return None, "unknown model: traffic in experts"
+    cfg, name = model_config_for(trace, args)
+    if cfg is None:
+        return None, "unknown model: traffic in experts"
+    return cfg.expert_bytes(2), f"bf16, {name}"
 
 
 def load_predictions(trace: Trace, args) -> Predictions | None:
@@ -135,6 +154,17 @@ def load_predictions(trace: Trace, args) -> Predictions | None:
     return predict_trace(predictor, trace, list(cfg.moe_layers))
 
 
+def policy_kwargs_for(args) -> dict:
+    """hobbit's weights from --policy-weights (checked now, so a bad file fails before any replay)."""
+    if args.policy_weights is None:
+        return {}
+    from expertyard.experts.policies import load_hobbit_weights
+
+    if args.policy != "hobbit" and not args.sweep and args.fit_weights is None:
+        raise ConfigError(f"--policy-weights is for --policy hobbit, not {args.policy}")
+    return {"weights": load_hobbit_weights(args.policy_weights)}
+
+
 def run(args) -> int:
     for flag, value in (("--batch-size", args.batch_size), ("--max-tokens", args.max_tokens), ("--jobs", args.jobs)):
         if value is not None and value < 1:
@@ -143,7 +173,18 @@ def run(args) -> int:
         raise ConfigError("--sweep runs cache fractions 10%, 25% and 50%; drop --cache-fraction/--cache-experts")
     need_hidden = args.predictor in ("next-gate", "trained")
     full = load_trace(args.trace, hidden=need_hidden)
+    if args.start_token:
+        from expertyard.trace.fit_hobbit import slice_trace
+
+        if not 0 <= args.start_token < full.num_tokens:
+            raise ConfigError(f"--start-token {args.start_token} must be in 0..{full.num_tokens - 1}")
+        full = slice_trace(full, args.start_token, full.num_tokens)
     trace = full.head(args.max_tokens) if args.max_tokens else full
+    policy_kwargs = policy_kwargs_for(args)
+    if args.precision == "mixed" or args.fit_weights is not None:
+        from expertyard.entrypoints.simulate_mixed import run_mixed
+
+        return run_mixed(args, trace, full, policy_kwargs)
     if args.sweep:
         capacities = [capacity_for(trace, cache_fraction=f) for f in SWEEP_FRACTIONS]
     else:
@@ -151,7 +192,9 @@ def run(args) -> int:
     expert_bytes, bytes_source = expert_bytes_for(trace, args)
     predictions = load_predictions(trace, args)
     policies = sweep_policies() if args.sweep else [args.policy]
-    jobs = [dict(policy=p, capacity=c, batch_size=args.batch_size, predict=True, predictor_name=args.predictor)
+    jobs = [dict(policy=p, capacity=c, batch_size=args.batch_size, predict=True, predictor_name=args.predictor,
+                 **({"policy_kwargs": policy_kwargs} if p == "hobbit" and policy_kwargs else {}),
+                 **({"adaptive": True} if args.adaptive_prefetch else {}))
             for c in capacities for p in policies]
     jobs += [dict(policy="belady", capacity=c, batch_size=args.batch_size, predict=False) for c in capacities]
     if not args.sweep and args.policy == "belady" and predictions is None:

@@ -213,21 +213,50 @@ def visit(state: ExpertCacheState, layer: int, experts: list[int], predicted: li
     return released, state.prefetch(predicted, now) if predicted else []
 
 
+def sequence_start_steps(trace: Trace, batch_size: int) -> set[int]:
+    """Steps of `schedule` whose tokens include the first token of a sequence: where the simulator calls
+    `CachePolicy.on_sequence_start` (batch size 1: at every sequence start)."""
+    firsts = set(trace.seq_starts.tolist())
+    if batch_size == 1:
+        return firsts
+    return {i for i, tokens in enumerate(schedule(trace, batch_size)) if firsts.intersection(tokens)}
+
+
+def by_layer(predicted: list[tuple[int, int]]) -> list[tuple[int, list[int]]]:
+    """Predicted keys grouped per layer, nearest layer first (the order `visits` yields them in)."""
+    groups: dict[int, list[int]] = {}
+    for layer, e in predicted:
+        groups.setdefault(layer, []).append(e)
+    return list(groups.items())
+
+
 def simulate(trace: Trace, policy: str, capacity: int, predictions: Predictions | None = None,
-             batch_size: int = 1, predictor_name: str | None = None) -> SimResult:
-    """Replay `trace` through an `ExpertCacheState` of `capacity` slots with `policy` (lru, lfu, belady)."""
+             batch_size: int = 1, predictor_name: str | None = None, policy_kwargs: dict | None = None,
+             adaptive: bool = False) -> SimResult:
+    """Replay `trace` through an `ExpertCacheState` of `capacity` slots with `policy` (lru, lfu, hobbit, belady;
+    `policy_kwargs` e.g. hobbit's weights). `adaptive`: HOBBIT's adaptive prefetch (`mixed_cache.adaptive_prefetch`:
+    a deeper layer's predictions only while the nearer ones were all cached) instead of every predicted layer."""
+    if adaptive:
+        from expertyard.experts.mixed_cache import adaptive_prefetch  # imports torch (precision levels)
     if capacity < trace.top_k:
         raise SimulationError(f"a cache of {capacity} slots cannot hold the {trace.top_k} experts of one token")
-    kwargs = {}
+    kwargs = dict(policy_kwargs or {})
     if policy == "belady":
         kwargs["future"] = ((layer, experts) for layer, experts, _, _ in visits(trace, batch_size))
     state = ExpertCacheState(capacity, make_policy(policy, **kwargs))
-    now, releases, on_time, k = -1, 0, 0, trace.top_k
+    starts = sequence_start_steps(trace, batch_size)
+    now, releases, on_time, k, num_layers = -1, 0, 0, trace.top_k, trace.num_layers
     waiting: dict[int, set[int]] = {}  # layer -> experts prefetched for its next visit
     for now, (layer, experts, predicted, tokens) in enumerate(visits(trace, batch_size, predictions)):
+        if layer == 0 and now // num_layers in starts:
+            state.policy.on_sequence_start()
         if layer in waiting:
             on_time += len(waiting.pop(layer).intersection(experts))
-        released, loads = visit(state, layer, experts, predicted, now, tokens * k, k)
+        if adaptive and predicted:
+            released, _ = visit(state, layer, experts, [], now, tokens * k, k)
+            loads = adaptive_prefetch(state, by_layer(predicted), now)
+        else:
+            released, loads = visit(state, layer, experts, predicted, now, tokens * k, k)
         releases += released
         for load in loads:
             waiting.setdefault(load.key[0], set()).add(load.key[1])
