@@ -59,22 +59,22 @@ def test_predict_matches_the_model(capsys):
 def test_calibrate_on_cpu_fits_the_measured_points(capsys, tmp_path):
     path = tmp_path / "cpu.json"
     assert main(["plan", "calibrate", "--device", "cpu", "--out", str(path), "--batch-sizes", "4,8,16,32,64",
-                 "--pairs", "64,128,256,512,1024", "--context-len", "512", "--repeats", "5"]) == 0
+                 "--pairs", "64,128,256,512,1024", "--context-len", "128", "--repeats", "15"]) == 0
     assert "wrote" in capsys.readouterr().out
     profile = load_profile(path)
     assert profile.kind == "calibrated" and profile.gpu.startswith("CPU")
     modules = [(f["module"], f.get("experts"), f.get("context_len")) for f in profile.fits]
-    assert modules == [("experts", 16, None), ("experts", 8, None), ("attention", None, 512), ("attention", None, 128)]
+    assert modules == [("experts", 16, None), ("experts", 8, None), ("attention", None, 128), ("attention", None, 32)]
     for f in profile.fits:
         x, y = np.array(f["points"], dtype=np.float64).T
         slope, intercept = np.polyfit(x, y, 1)
         assert f["k_slope"] == pytest.approx(slope, rel=1e-6, abs=1e-15)
         assert f["k_intercept"] == pytest.approx(intercept, rel=1e-6, abs=1e-12)
-        # the line reproduces the timings (CPU timings on a shared 2-core machine: a loose bound)
+        # the line reproduces the timings (thread CPU time on a shared 2-core machine: a loose bound)
         assert np.abs(slope * x + intercept - y).max() / y.mean() < 0.5, f
         assert f["max_rel_err"] == pytest.approx(np.max(np.abs(slope * x + intercept - y) / y), rel=1e-6)
     # the solved profile, used for the calibrated shape at tp 1, reproduces the expert fit's points
-    pm = PerfModel(model_costs(model_config_for(), 4), profile, profile, Workload(512))
+    pm = PerfModel(model_costs(model_config_for(), 4), profile, profile, Workload(128))
     x, y = np.array(profile.fits[0]["points"], dtype=np.float64).T
     assert np.abs(pm.expert_line(1, 1)(x) - y).max() / y.mean() < 0.5
     out = _json(capsys, ["plan", "predict", "--attention-ranks", "1", "--expert-ranks", "1", "--micro-batches", "3",

@@ -91,7 +91,7 @@ def add_parser(sub) -> None:
                          "from the GPU's name, else h200")
     pc.add_argument("--name", default=None, help="profile name (default: BASE-calibrated)")
     pc.add_argument("--context-len", type=int, default=None, help="KV length of the attention timing "
-                                                                   "(default 2048 on CUDA, 512 on CPU; also /4)")
+                                                                   "(default 2048 on CUDA, 128 on CPU; also /4)")
     pc.add_argument("--batch-sizes", default=None, help="comma-separated attention micro-batch sizes")
     pc.add_argument("--pairs", default=None, help="comma-separated (token, expert) row counts for fused_moe")
     pc.add_argument("--repeats", type=int, default=None, help="timed calls per point")

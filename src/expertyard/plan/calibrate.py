@@ -48,21 +48,21 @@ def fit_line(xs, ys) -> Line:
 
 def time_calls(fns: list[Callable[[], object]], device: torch.device, repeats: int, graphs: bool) -> list[float]:
     """Seconds per call of each function. CUDA: events around `repeats` calls (replays of a captured CUDA graph
-    when `graphs`, as the engine decodes). Other devices: `repeats` rounds that call every function once, and
-    the fastest call of each, so a burst of load from other processes spoils one round, not one point, on one
-    thread (the CPU path exists for tests: single-threaded timings are the stable ones on a shared machine)."""
+    when `graphs`, as the engine decodes). Other devices (the CPU path exists for tests): one torch thread, the
+    CPU time of the calling thread (time the OS gives other processes does not count), `repeats` rounds that call
+    every function once, the fastest call of each."""
     if device.type != "cuda":
         best = [float("inf")] * len(fns)
         threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # one thread: a multi-threaded matmul waits for cores other processes hold
+        torch.set_num_threads(1)  # ops run in this thread, so its CPU time is theirs
         try:
             for fn in fns:
                 fn()
             for _ in range(repeats):
                 for j, fn in enumerate(fns):
-                    t0 = time.perf_counter()
+                    t0 = time.thread_time()
                     fn()
-                    best[j] = min(best[j], time.perf_counter() - t0)
+                    best[j] = min(best[j], time.thread_time() - t0)
         finally:
             torch.set_num_threads(threads)
         return best
@@ -175,7 +175,7 @@ def calibrate(cfg: ModelConfig, label: str, device: torch.device, dtype: torch.d
     measured (datasheet peaks, the network, prices)."""
     on_gpu = device.type == "cuda"
     graphs = graphs and on_gpu
-    context_len = context_len or (2048 if on_gpu else 512)
+    context_len = context_len or (2048 if on_gpu else 128)
     batches = tuple(batches or (GPU_BATCHES if on_gpu else CPU_BATCHES))
     pairs = tuple(pairs or (GPU_PAIRS if on_gpu else CPU_PAIRS))
     repeats = repeats or (20 if on_gpu else 7)
