@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Disaggregated expert parallelism (issue 6) in one device run, on 4 GPUs (docs/disaggregation.md):
+#   OUT=/tmp/out bash benchmarks/gpu_disagg.sh               (4 GPUs, NCCL, bf16; about 6 minutes)
+#   DEVICE=cpu OUT=/tmp/out bash benchmarks/gpu_disagg.sh    (the same steps at tiny sizes on CPU with gloo)
+# (a) the NCCL correctness matrix, (b) M2N dispatch/combine vs all_to_all_single, (c) decode per GPU:
+# ping-pong m=1..4 (2+2 and 3+1 ranks) vs colocated EP on the same 4 GPUs.
+set -uo pipefail
+export PYTHONPATH=src PYTHONUNBUFFERED=1 TORCHELASTIC_ERROR_FILE= LOGLEVEL=WARNING
+OUT=${OUT:-/tmp/expertyard-gpu}
+DEVICE=${DEVICE:-cuda}
+mkdir -p "$OUT"
+LOG="$OUT/log.txt"
+: > "$LOG"
+quiet() { grep -v -e "torchelastic" -e "^INFO" -e "^W[0-9]" -e "it/s"; }
+if [ "$DEVICE" = cuda ]; then
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$LOG"
+  TESTS=(tests/gpu/test_disagg_nccl.py)
+  MODEL=(--synthetic qwen3-30b-a3b --num-layers 8 --dtype bfloat16)
+  SHAPE=(--batch-sizes 256 --prompt-len 32 --decode-tokens 64)
+  SIZES=4KB,16KB,64KB,256KB,1MB,4MB,8MB
+else
+  TESTS=(tests/test_disagg_cpu.py -k "tiny-disaggregated-2x2 or tiny-colocated-2x2")
+  MODEL=()   # the bundled model
+  SHAPE=(--batch-sizes 8 --prompt-len 8 --decode-tokens 8)
+  SIZES=4KB,64KB
+fi
+
+echo "== (a) correctness: distributed vs single-device resident" | tee -a "$LOG"
+timeout 300 python3 -m pytest "${TESTS[@]}" -q -p no:cacheprovider 2>&1 | tail -6 | tee -a "$LOG"
+
+echo "== (b) M2N micro-benchmark (2 attention x 2 expert ranks)" | tee -a "$LOG"
+timeout 120 python3 benchmarks/bench_m2n.py --attention-ranks 2 --expert-ranks 2 --device "$DEVICE" --sizes "$SIZES" \
+  --out "$OUT/m2n.json" 2>&1 | quiet | tee -a "$LOG"
+
+echo "== (c) decode on 4 ranks" | tee -a "$LOG"
+bench() {  # name, then flags
+  local name=$1; shift
+  timeout 150 python3 -m expertyard.entrypoints.cli bench --disaggregate --device "$DEVICE" "${MODEL[@]}" "${SHAPE[@]}" --dist-timeout 120 "$@" \
+    --out "$OUT/$name.json" 2>&1 | quiet | tee -a "$LOG"
+}
+bench pingpong_2x2 --mode disaggregated --attention-ranks 2 --expert-ranks 2 --micro-batches 1,2,3,4
+bench pingpong_3x1 --mode disaggregated --attention-ranks 3 --expert-ranks 1 --micro-batches 1,2,3,4
+bench colocated_4 --mode colocated --attention-ranks 2 --expert-ranks 2 --micro-batches 1
+
+python3 - "$OUT" <<'PY' | tee -a "$LOG"
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+runs = {}
+for name in ("pingpong_2x2", "pingpong_3x1", "colocated_4"):
+    f = out / f"{name}.json"
+    if f.exists():
+        runs[name] = json.loads(f.read_text())
+if "colocated_4" not in runs:
+    sys.exit("no colocated result: see log.txt")
+co = max(r["per_gpu_tokens_per_s"] for r in runs["colocated_4"]["runs"])
+print(f"\nper-GPU decode throughput ({runs['colocated_4']['model']}, batch {runs['colocated_4']['runs'][0]['batch']}, "
+      f"{runs['colocated_4']['dtype']} on {runs['colocated_4']['gpus']} ranks)")
+print(f"{'deployment':>14} {'m':>2} {'tok/s/GPU':>10} {'TPOT ms':>8} {'x colocated':>12} {'x m=1':>6}")
+print(f"{'colocated':>14} {1:>2} {co:10.1f} {runs['colocated_4']['runs'][0]['tpot_ms']:8.2f} {1.0:12.2f} {'':>6}")
+for name in ("pingpong_2x2", "pingpong_3x1"):
+    if name not in runs:
+        print(f"{name:>14}  (failed: see log.txt)")
+        continue
+    base = next(r for r in runs[name]["runs"] if r["micro_batches"] == 1)["per_gpu_tokens_per_s"]
+    for r in runs[name]["runs"]:
+        print(f"{name.split('_')[1]:>14} {r['micro_batches']:>2} {r['per_gpu_tokens_per_s']:10.1f} {r['tpot_ms']:8.2f} "
+              f"{r['per_gpu_tokens_per_s'] / co:12.2f} {r['per_gpu_tokens_per_s'] / base:6.2f}")
+print("target: ping-pong >= 1.3x colocated and >= 1.5x m=1")
+PY
