@@ -3,7 +3,6 @@ direction of expert traffic plus one that brings the final hidden states to rank
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -30,7 +29,6 @@ def init_distributed(cfg: DisaggConfig, rank: int, world_size: int, device: torc
     timeout = timedelta(seconds=cfg.dist_timeout)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")  # a timed-out collective ends the process
         dist.init_process_group("cpu:gloo,cuda:nccl", rank=rank, world_size=world_size, timeout=timeout,
                                 device_id=device)
         device_backend = "nccl"
