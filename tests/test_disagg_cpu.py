@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -224,3 +225,85 @@ def test_server_answers_503_while_the_deployment_is_down():
         assert health.status_code == 503 and "rank 3" in health.json()["error"]["message"]
         r = client.post("/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 2})
         assert r.status_code == 503 and r.json()["error"]["code"] == "deployment_down"
+
+
+# ---- the commands -----------------------------------------------------------------------------------------
+
+def test_bench_disaggregate_reports_each_micro_batch_count(capsys):
+    import json
+
+    from expertyard.entrypoints.cli import main
+
+    assert main(["bench", "--disaggregate", "--attention-ranks", "1", "--expert-ranks", "1", "--micro-batches", "1,3",
+                 "--batch-sizes", "4", "--prompt-len", "4", "--decode-tokens", "4", "--device", "cpu", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["gpus"] == 2 and [r["micro_batches"] for r in result["runs"]] == [1, 3]
+    for r in result["runs"]:
+        assert r["decode_tokens_per_s"] > 0 and r["steps"] == 3
+        assert r["per_gpu_tokens_per_s"] == pytest.approx(r["decode_tokens_per_s"] / 2)
+        assert r["tpot_ms"] == pytest.approx(1e3 * 4 / r["decode_tokens_per_s"], rel=1e-6)
+
+
+def test_serve_disaggregate_answers_like_one_process_then_503_when_a_rank_dies(tmp_path):
+    import json
+    import subprocess
+    import urllib.error
+    import urllib.request
+
+    from expertyard.disagg.launch import _free_port
+    from expertyard.engine.sampling_params import SamplingParams
+    from expertyard.entrypoints.common import load_tokenizer
+
+    port = _free_port()
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "expertyard.entrypoints.cli", "serve", "--disaggregate",
+                             "--attention-ranks", "1", "--expert-ranks", "2", "--device", "cpu", "--port", str(port),
+                             "--dist-timeout", "20"], stdout=log, stderr=subprocess.STDOUT)
+
+    def post(prompt):
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", method="POST",
+                                     data=json.dumps({"prompt": prompt, "max_tokens": 8, "temperature": 0}).encode(),
+                                     headers={"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+        except (urllib.error.URLError, ConnectionError):
+            return None, None
+
+    try:
+        deadline = time.monotonic() + 120
+        while (status := post("Once upon a time"))[0] != 200:
+            assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(0.5)
+        loaded = BUNDLED.load(torch.device("cpu"), torch.float32, ResidentExperts)
+        engine = LLMEngine(loaded, load_tokenizer(bundled_model_path()), EngineConfig(max_num_seqs=2))
+        ref = engine.generate(["Once upon a time"], SamplingParams(temperature=0, max_tokens=8))[0].text
+        assert status[1]["choices"][0]["text"] == ref
+        workers = _spawned_children(proc.pid)
+        assert len(workers) == 3
+        os.kill(workers[-1], signal.SIGKILL)  # the last one started: expert rank 2
+        deadline = time.monotonic() + 60
+        while (status := post("Once"))[0] != 503:
+            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(0.5)
+        assert status[1]["error"]["code"] == "deployment_down" and "rank " in status[1]["error"]["message"]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def _spawned_children(pid: int) -> list[int]:
+    """Pids of the rank processes the launcher spawned under `pid` (Linux /proc), oldest first."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat, cmd = (d / "stat").read_text(), (d / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"spawn_main" in cmd:
+            found.append(int(d.name))
+    return sorted(found)

@@ -101,9 +101,10 @@ def run_rank(cfg: DisaggConfig, source: ModelSource, settings: EngineSettings, r
     loaded = source.load(device, dtype, factory)
     model = loaded.model
     shard = None
-    if role != "attention":
-        experts = model.experts
-        shard = experts if isinstance(experts, ExpertShard) else ExpertShard.from_resident(experts, mcfg, placement, index)
+    if role != "attention":  # a random-weight model was drawn whole: keep this rank's share only
+        shard = model.experts if isinstance(model.experts, ExpertShard) else \
+            ExpertShard.from_resident(model.experts, mcfg, placement, index)
+        model.set_expert_backend(NoExperts(mcfg))
     try:
         if role == "expert":
             worker = ExpertWorker(shard, list(mcfg.moe_layers), cfg.attention_rank_ids, layout, dispatch, combine, device)
