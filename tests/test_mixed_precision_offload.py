@@ -19,14 +19,15 @@ from expertyard.quant.low_store import LowPrecisionStore
 from expertyard.quant.packed_expert import dequantize_expert
 
 
-def _offloaded(path, high_slots, low_slots, bits=4, mode="mixed", thresholds=None, depth=0, policy="lru"):
-    loaded = load_model(path, "cpu", torch.float32, progress=False,
+def _offloaded(path, high_slots, low_slots, bits=4, mode="mixed", thresholds=None, depth=0, policy="lru",
+               device="cpu", group_size=16, dtype=torch.float32):
+    loaded = load_model(path, device, dtype, progress=False,
                         backend_factory=lambda c, d, t: OffloadedExperts(c, d, t))
     backend = loaded.model.experts
     pred = NextGatePredictor(loaded.model, depth) if depth else None
     backend.configure(high_slots, make_policy(policy), pred)
-    low = LowPrecisionStore.quantize(backend.store, backend.keys, bits, 16, torch.device("cpu"), pin=False,
-                                     progress=False)
+    low = LowPrecisionStore.quantize(backend.store, backend.keys, bits, group_size, torch.device(device),
+                                     pin=device != "cpu", progress=False)
     backend.configure_low_precision(low, low_slots, make_policy(policy), mode, thresholds)
     return loaded
 
@@ -75,10 +76,7 @@ def _naive_visit(backend, layer, x, ids, w, th):
     return y
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
-def test_each_pair_uses_the_copy_the_rule_gives_it(arch, tiny_checkpoint):
-    path, _ = tiny_checkpoint(arch)
-    loaded = _offloaded(path, high_slots=3, low_slots=5)
+def check_pairs_against_naive_reference(loaded, device="cpu", tokens=1, atol=1e-5):
     backend, cfg = loaded.model.experts, loaded.config
     th = PrecisionThresholds(0.5, 0.8)  # tiny routers are flat: thresholds that reach every branch
     backend.thresholds = th
@@ -86,18 +84,24 @@ def test_each_pair_uses_the_copy_the_rule_gives_it(arch, tiny_checkpoint):
     e, k = cfg.moe.num_experts, cfg.moe.top_k
     for step in range(24):
         layer = cfg.moe_layers[step % len(cfg.moe_layers)]
-        x = torch.randn(1, cfg.hidden_size, generator=g)
-        ids = torch.randperm(e, generator=g)[:k][None]
-        w = torch.rand(1, k, generator=g) ** 4 + 1e-3
+        x = torch.randn(tokens, cfg.hidden_size, generator=g)
+        ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(tokens)])
+        w = torch.rand(tokens, k, generator=g) ** 4 + 1e-3
         ref = _naive_visit(backend, layer, x, ids, w, th)
-        y = backend.forward_routed(layer, x, ids, w, [])
-        torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-4)
+        y = backend.forward_routed(layer, x.to(device), ids.to(device), w.to(device), [])
+        torch.testing.assert_close(y.double().cpu(), ref, atol=atol, rtol=1e-4)
     served = backend.pairs_served
     assert served["full"] and served["low"] and served["skipped"], served
     report = backend.report(tokens=24)
     assert report["expert_full_misses"] > 0 and report["expert_low_misses"] > 0
     assert report["bytes_copied"] == (backend.expert_bytes * report["expert_full_misses"]
                                       + backend.low_layout.nbytes * report["expert_low_misses"])
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_each_pair_uses_the_copy_the_rule_gives_it(arch, tiny_checkpoint):
+    path, _ = tiny_checkpoint(arch)
+    check_pairs_against_naive_reference(_offloaded(path, high_slots=3, low_slots=5))
 
 
 def test_all_full_thresholds_give_the_full_precision_tokens(tiny_checkpoint):
@@ -153,3 +157,20 @@ def test_cli_mixed_precision_with_quantize_files(tmp_path, capsys):
     assert main(args + ["--low-precision", "int4", "--precision-thresholds", "0.9,0.2"]) == 2
     assert "0.9" in capsys.readouterr().err
     assert bundled_model_path().is_dir()
+
+
+def test_eval_agreement_is_total_when_every_miss_loads_full_precision(tmp_path, capsys):
+    """`expertyard eval --agreement-tokens`: with thresholds 1,1 no pair accepts a low copy, so the offloaded
+    mixed configuration must agree with the resident full-precision model on every token."""
+    text = tmp_path / "t.txt"
+    text.write_text("Once upon a time there was a little girl named Lily. She liked to play in the park. " * 8)
+    assert main(["eval", "--text", str(text), "--max-tokens", "24", "--offload", "--expert-cache-fraction", "0.25",
+                 "--low-precision", "int4", "--precision-thresholds", "1,1", "--token-by-token", "--predictor", "none",
+                 "--agreement-tokens", "12", "--agreement-prompts", "2", "--agreement-prompt-len", "16", "--json"]) == 0
+    import json
+
+    r = json.loads(capsys.readouterr().out)
+    assert r["teacher_forced_agreement"] == 1.0 and r["identical_prefix"] == [12, 12]
+    assert r["offload"]["pairs_low_fraction"] == 0.0 and r["offload"]["misses"] > 0
+    assert main(["eval", "--synthetic", "olmoe-1b-7b", "--num-layers", "1"]) == 2
+    assert "--agreement-tokens" in capsys.readouterr().err

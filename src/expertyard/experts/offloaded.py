@@ -34,6 +34,8 @@ from expertyard.experts.precision import FULL, LOW, SKIP, PrecisionThresholds, p
 from expertyard.experts.predictors.base import NoPredictor, Predictor
 from expertyard.experts.telemetry import Timeline, TransferStats
 from expertyard.kernels.fused_moe import fused_moe
+from expertyard.quant.ffn import fused_moe_quantized
+from expertyard.quant.packed_expert import dequantize_expert, new_pool
 
 # T = tokens, K = experts per token, S = cache slots, E = experts per layer, D = hidden, I = expert intermediate
 
@@ -108,12 +110,14 @@ class OffloadedExperts(ExpertBackend):
         if low_slots < self.cfg.moe.top_k:
             raise ConfigError(f"a low-precision pool of {low_slots} slots cannot hold the {self.cfg.moe.top_k} "
                               "experts of one token; give the expert cache more memory")
-        from expertyard.quant.packed_expert import new_pool
-
         self.low_store, self.low_layout = low_store, low_store.layout
         self.low_pool = new_pool(low_slots, self.low_layout, self.device)  # [S_low, nbytes] uint8
         self.low_table = self._new_table()
         self.tables[LOW_POOL], self.dest[LOW_POOL] = self.low_table, self.low_pool
+        if not self.cuda:  # CPU: dequantize once per load, not per visit (what the GPU kernel does in registers)
+            i, d = self.cfg.moe.intermediate_size, self.cfg.hidden_size
+            self.low_w13 = torch.zeros(low_slots, 2 * i, d, dtype=self.dtype)  # [S_low, 2I, D]
+            self.low_w2 = torch.zeros(low_slots, d, i, dtype=self.dtype)  # [S_low, D, I]
         self.mixed = MixedPrecisionCache(self.state.capacity, self.state.policy, low_slots, low_policy)
         self.state = self.mixed.high  # the full-precision path (visits too large for the pools) uses this pool
         self.precision_mode = mode
@@ -288,12 +292,11 @@ class OffloadedExperts(ExpertBackend):
 
     def _ffn_pool(self, x, slots, weights, pool, name, stream):
         """FFN over the pairs with a slot (>= 0) in `pool`; -1 pairs contribute nothing."""
+        if not self.cuda:  # the CPU kernel wants valid ids: weight 0 instead
+            w13, w2 = (self.w13, self.w2) if pool == HIGH_POOL else (self.low_w13, self.low_w2)
+            return fused_moe(x, w13, w2, slots.clamp(min=0), weights * (slots >= 0))
         if pool == HIGH_POOL:
-            if not self.cuda:  # the CPU kernel wants valid ids: weight 0 instead
-                return fused_moe(x, self.w13, self.w2, slots.clamp(min=0), weights * (slots >= 0))
             return self._ffn(x, slots, weights, name, stream)
-        from expertyard.quant.ffn import fused_moe_quantized
-
         if self.timeline is not None and self.cuda:
             with self.timeline.span(name, "compute", stream):
                 return fused_moe_quantized(x, self.low_pool, self.low_layout, slots, weights)
@@ -350,6 +353,9 @@ class OffloadedExperts(ExpertBackend):
             self.stats.bytes_copied += nbytes
             if not self.cuda:
                 dest[ld.slot].copy_(src)
+                if pool == LOW_POOL:
+                    w13, w2 = dequantize_expert(src, self.low_layout, self.dtype)
+                    self.low_w13[ld.slot].copy_(w13), self.low_w2[ld.slot].copy_(w2)
                 continue
             stream, where = self.copy_stream, (pool, ld.slot)
             if where in self.last_read:
