@@ -181,7 +181,7 @@ def test_dead_or_hung_rank_ends_every_other_rank_with_an_error(tmp_path, how):
 
     from expertyard.disagg.launch import _free_port
 
-    timeout = 6.0
+    timeout = 10.0
     cfg = DisaggConfig(attention_ranks=2, expert_ranks=2, dist_timeout=timeout)
     ctx, port = mp.get_context("spawn"), _free_port()
     procs = [ctx.Process(target=_rank_process, args=(r, 4, port, cfg, str(tmp_path))) for r in range(4)]

@@ -97,32 +97,25 @@ class DistributedRunner:
     def run(self, step: ScheduledStep, all_logits: bool = False) -> torch.Tensor:
         """Logits [N, V] float32 in step order (see ModelRunner.run)."""
         header, order = plan_step(step, self.cfg, self.max_num_seqs, all_logits, self.micro_batches)
+        counts = [sum(len(mb.out_rows) for mb in plans) for plans in header.plans]
+        offsets = [sum(counts[:r]) for r in range(len(counts))]
+        index = torch.tensor([offsets[r] + j for r, j in order], dtype=torch.long).to(self.attention.device,
+                                                                                     non_blocking=True)  # [N]
         with self._lock:
             self._broadcast(header)
             try:
                 own = self.attention.run(header)  # [n_0, D]
-                hidden = self._gather(header, own, order)  # [N, D]
+                hidden = self._gather(counts, own).index_select(0, index)  # [N, D]
             except DeploymentDownError as e:
                 self.down_reason = str(e)
                 raise
         return self.attention.model.compute_logits(hidden)
 
-    def _gather(self, header: StepHeader, own: torch.Tensor, order: list[tuple[int, int]]) -> torch.Tensor:
-        d = own.shape[1]
-        parts = [own]
-        recvs = []
-        for rank in range(1, self.cfg.attention_ranks):
-            n = sum(len(mb.out_rows) for mb in header.plans[rank])
-            part = torch.empty(n, d, dtype=own.dtype, device=own.device)
-            parts.append(part)
-            if n:
-                recvs.append((rank, part))
-        self.attention.results.p2p([], recvs).wait()
-        offsets = [0]
-        for p in parts:
-            offsets.append(offsets[-1] + p.shape[0])
-        index = torch.tensor([offsets[r] + j for r, j in order], dtype=torch.long).to(own.device, non_blocking=True)
-        return torch.cat(parts).index_select(0, index)
+    def _gather(self, counts: list[int], own: torch.Tensor) -> torch.Tensor:
+        """Rank 0's rows, then each other attention rank's (sizes known from the plan): [sum(counts), D]."""
+        parts = [own] + [torch.empty(n, own.shape[1], dtype=own.dtype, device=own.device) for n in counts[1:]]
+        self.attention.results.p2p([], [(r, parts[r]) for r in range(1, len(counts)) if counts[r]]).wait()
+        return torch.cat(parts)
 
     def shutdown(self) -> None:
         """Tell every rank to leave its loop (no-op once the deployment is down)."""

@@ -13,6 +13,9 @@ from expertyard.disagg.config import DisaggConfig
 from expertyard.errors import ConfigError
 
 
+STARTUP_TIMEOUT_S = 1800.0
+
+
 @dataclass
 class Groups:
     control: object  # gloo, every rank: StepHeader broadcasts from rank 0
@@ -27,13 +30,16 @@ def init_distributed(cfg: DisaggConfig, rank: int, world_size: int, device: torc
         raise ConfigError(f"the launcher started {world_size} ranks; {cfg.mode} with {cfg.attention_ranks} attention "
                           f"and {cfg.expert_ranks} expert ranks needs {cfg.world_size}")
     timeout = timedelta(seconds=cfg.dist_timeout)
+    # the default group only serves start-up (rendezvous, the barrier after loading): loading a large
+    # checkpoint may take longer than a step may
+    startup = timedelta(seconds=max(cfg.dist_timeout, STARTUP_TIMEOUT_S))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        dist.init_process_group("cpu:gloo,cuda:nccl", rank=rank, world_size=world_size, timeout=timeout,
+        dist.init_process_group("cpu:gloo,cuda:nccl", rank=rank, world_size=world_size, timeout=startup,
                                 device_id=device)
         device_backend = "nccl"
     else:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timeout)
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=startup)
         device_backend = "gloo"
     ranks = list(range(world_size))
     groups = Groups(control=dist.new_group(ranks, timeout=timeout, backend="gloo"),

@@ -28,6 +28,7 @@ class _MicroBatch:
     meta: object = None
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
+    rows: torch.Tensor | None = None  # [len(out_rows)] the tokens whose final hidden state is returned
     flight: object = None  # the exchange in progress
     shared: torch.Tensor | None = None  # the shared expert's output for that exchange
 
@@ -50,6 +51,8 @@ def run_micro_batches(model: CausalLM, kv_cache: list[list[torch.Tensor]], plans
     for plan in plans:
         ids = torch.tensor(plan.token_ids, dtype=torch.long).to(device, non_blocking=True)
         mb = _MicroBatch(plan, model.model.embed_tokens(ids))  # [T_i, D]
+        # every host-to-device copy before the layer loop: a pageable copy waits for the stream's earlier work
+        mb.rows = torch.tensor(plan.out_rows, dtype=torch.long).to(device, non_blocking=True)
         if plan.num_tokens:
             mb.meta = plan.metadata(device)
             mb.cos, mb.sin = model.rope.cos_sin(mb.meta.positions)
@@ -71,6 +74,5 @@ def run_micro_batches(model: CausalLM, kv_cache: list[list[torch.Tensor]], plans
     outs = []
     for mb in mbs:
         _finish(mb, exchange)
-        rows = torch.tensor(mb.plan.out_rows, dtype=torch.long).to(device, non_blocking=True)
-        outs.append(model.model.norm(mb.h.index_select(0, rows)))
+        outs.append(model.model.norm(mb.h.index_select(0, mb.rows)))
     return torch.cat(outs) if outs else torch.empty(0, model.cfg.hidden_size, device=device)

@@ -105,6 +105,7 @@ def run_rank(cfg: DisaggConfig, source: ModelSource, settings: EngineSettings, r
         shard = model.experts if isinstance(model.experts, ExpertShard) else \
             ExpertShard.from_resident(model.experts, mcfg, placement, index)
         model.set_expert_backend(NoExperts(mcfg))
+    dist.barrier()  # every rank has loaded (start-up timeout); from here on waits are bounded by dist_timeout
     try:
         if role == "expert":
             worker = ExpertWorker(shard, list(mcfg.moe_layers), cfg.attention_rank_ids, layout, dispatch, combine, device)
