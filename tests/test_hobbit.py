@@ -379,3 +379,10 @@ def test_mixed_errors_are_messages(tmp_path, capsys, argv, match):
     argv = [a.format(bad=tmp_path / "bad.json", good=tmp_path / "good.json", out=tmp_path / "o.json") for a in argv]
     assert main(["simulate", "--trace", str(tmp_path / "t.npz"), *argv]) == 2
     assert re.search(match, capsys.readouterr().err)
+
+
+def test_the_bundled_models_fitted_weights_load():
+    from expertyard.entrypoints.common import bundled_model_path
+
+    w = load_hobbit_weights(bundled_model_path() / "hobbit-weights.json")
+    assert abs(sum(w.as_tuple()) - 1) < 1e-9
