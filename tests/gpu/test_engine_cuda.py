@@ -74,6 +74,7 @@ def test_cuda_seeded_sampling_is_reproducible(tiny_checkpoint):
 def test_cuda_server_warm_up_captures_every_bucket_and_decodes_the_same(tiny_checkpoint):
     """warm_up captures every (batch, length) graph bucket at start-up; decoding afterwards replays them and gives
     the eager tokens."""
+    pytest.importorskip("fastapi")  # expertyard.server needs the serve extra
     from expertyard.server.warmup import warm_up
 
     path, _ = tiny_checkpoint("qwen3_moe")

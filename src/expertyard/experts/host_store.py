@@ -44,9 +44,7 @@ class HostExpertStore:
         self.pool = torch.empty(n_host, self.numel, dtype=dtype)  # [N_host, 3*I*D]
         self.pinned = False
         if pin and n_host:
-            self.pinned = _register_pinned(self.pool)
-            if self.pinned:  # unpin before the pool's memory goes back to the allocator
-                weakref.finalize(self, torch.cuda.cudart().cudaHostUnregister, self.pool.data_ptr())
+            self.pinned = pin_for_life_of(self, self.pool)
         self.disk: dict[ExpertKey, dict[Projection, DiskTensor]] = {k: {} for k in keys[n_host:]}
         self._files: dict[Path, object] = {}
         self._staging: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
@@ -110,6 +108,15 @@ class HostExpertStore:
     @property
     def memory_bytes(self) -> int:
         return self.pool.numel() * self.pool.element_size()
+
+
+def pin_for_life_of(owner: object, t: torch.Tensor) -> bool:
+    """Page-lock `t` while `owner` lives: unregistered before the memory goes back to the allocator (a stale
+    registration makes a later registration of that address fail). False if the pages could not be locked."""
+    if not _register_pinned(t):
+        return False
+    weakref.finalize(owner, torch.cuda.cudart().cudaHostUnregister, t.data_ptr())
+    return True
 
 
 def _register_pinned(t: torch.Tensor) -> bool:

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from expertyard.errors import CheckpointError, ConfigError
-from expertyard.experts.host_store import HostExpertStore, _register_pinned
+from expertyard.experts.host_store import HostExpertStore, pin_for_life_of
 from expertyard.experts.policies.base import ExpertKey
 from expertyard.quant.packed_expert import ExpertLayout, pack_expert_flat
 from expertyard.quant.store import file_name, load_quantized_experts
@@ -35,7 +35,7 @@ class LowPrecisionStore:
         self.layout = layout
         self.row = {k: n for n, k in enumerate(keys)}
         self.pool = torch.zeros(len(keys), layout.nbytes, dtype=torch.uint8)  # [N, nbytes]
-        self.pinned = _register_pinned(self.pool) if pin else False
+        self.pinned = pin_for_life_of(self, self.pool) if pin else False
 
     @property
     def expert_bytes(self) -> int:
