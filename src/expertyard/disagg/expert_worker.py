@@ -29,6 +29,7 @@ class ExpertWorker:
         chunks = recv.view(s, c + 1, -1)
         return recv, self.dispatch.p2p([], [(r, chunks[j]) for j, r in enumerate(self.sources)])
 
+    @torch.inference_mode()
     def run_step(self, capacity: int, micro_batches: int) -> None:
         s, c = len(self.sources), capacity
         work = [(layer, i) for layer in self.moe_layers for i in range(micro_batches)]
