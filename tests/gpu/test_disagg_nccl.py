@@ -53,19 +53,14 @@ def _reference(source_name: str, dtype_name: str):
     return prompts, out
 
 
-CASES = [
+CASES = [  # each launch costs ~15-25 s: the whole file must stay well inside benchmarks/gpu_disagg.sh's budget
     ("tiny", DisaggConfig(attention_ranks=1, expert_ranks=1), [1, 2, 3, 4]),
     ("tiny", DisaggConfig(attention_ranks=2, expert_ranks=2), [1, 2, 3, 4]),
     ("tiny", DisaggConfig(attention_ranks=1, expert_ranks=3), [1, 2, 3, 4]),
-    ("tiny", DisaggConfig.colocated(2), [1, 2]),
-    ("tiny", DisaggConfig.colocated(4), [1]),
+    ("tiny", DisaggConfig.colocated(4), [1, 2]),
     ("bundled", DisaggConfig(attention_ranks=2, expert_ranks=2), [1, 2, 3, 4]),
-    ("bundled", DisaggConfig(attention_ranks=1, expert_ranks=1), [1, 4]),
-    ("bundled", DisaggConfig.colocated(4), [1]),
 ]
-
-
-BF16_CASES = [CASES[1], CASES[2], CASES[5]]  # each launch costs ~15 s: bf16 on a subset
+BF16_CASES = [CASES[1], CASES[4]]
 MATRIX = [(*case, "float32") for case in CASES] + [(*case, "bfloat16") for case in BF16_CASES]
 
 
