@@ -19,7 +19,8 @@ from expertyard.engine.sampling_params import SamplingParams
 
 
 def warmup_sizes(max_num_batched_tokens: int, max_model_len: int, ratio: float = 1.25) -> list[int]:
-    """1, 2, 3, ... growing by `ratio`, up to the largest prompt chunk one step can hold."""
+    """1, 2, 3, ... growing by `ratio`, up to the most tokens one step can hold (one prompt's chunk at most
+    max_model_len - 1)."""
     limit = max(1, min(max_num_batched_tokens, max_model_len - 1))
     sizes, n = {limit}, 1.0
     while n < limit:
@@ -35,8 +36,13 @@ def warm_up(engine: LLMEngine) -> float:
     g = torch.Generator().manual_seed(0)
     vocab = engine.model_config.vocab_size
     params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
-    for n in warmup_sizes(engine.config.max_num_batched_tokens, engine.max_model_len):
-        engine.generate([torch.randint(vocab, (n,), generator=g).tolist()], params)
+    longest = max(1, engine.max_model_len - 2)  # a prompt must leave room for its tokens
+    for n in warmup_sizes(engine.config.max_num_batched_tokens, engine.config.max_num_batched_tokens + 1):
+        # steps past one prompt's length hold several prompts: warm those sizes up as several prompts at once
+        lengths = [longest] * (n // longest) + ([n % longest] if n % longest else [])
+        if len(lengths) > engine.config.max_num_seqs:
+            break
+        engine.generate([torch.randint(vocab, (m,), generator=g).tolist() for m in lengths], params)
     batch = [torch.randint(vocab, (4,), generator=g).tolist() for _ in range(engine.config.max_num_seqs)]
     engine.generate(batch, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     if engine.runner.graphs is not None:  # batch sizes and context lengths vary under load: every bucket now
