@@ -25,7 +25,8 @@ pairs). A cache that never calls `on_request` (the full-precision cache) counts 
 instead, and H is then 0 for every expert (a constant: it does not change the order).
 
 Victim selection is vectorised: per-expert counters live in numpy arrays indexed by a dense id, so an eviction
-costs one pass to map the candidates to ids plus a few array operations (about 100 us at 800 candidates).
+costs one pass to map the candidates to ids plus a few array operations: 75 / 140 / 180 us at 166 / 416 / 832
+candidates against LRU's 45 / 85 / 170 us (2-core CPU under load), so a replay costs about what LRU's does.
 """
 
 from __future__ import annotations
