@@ -267,6 +267,8 @@ def test_standin_weights_are_seeded_rank_free_and_used_for_nan_traces():
     assert np.allclose(w.sum(-1), 1) and np.array_equal(w, standin_weights(t, seed=3))
     assert not np.array_equal(w, standin_weights(t, seed=4))
     assert (w[..., 0] == w.max(-1)).mean() < 0.5  # the top weight lands anywhere in the list
+    window = slice_trace(t, int(t.seq_starts[2]), 100)  # a window gets the whole trace's stand-in draws
+    np.testing.assert_array_equal(standin_weights(window, 3, offset=int(t.seq_starts[2])), w[t.seq_starts[2]:])
     t.weights[:] = np.nan
     levels, source = trace_levels(t, PrecisionThresholds(), seed=3)
     assert source.startswith("stand-in") and levels.shape == t.experts.shape

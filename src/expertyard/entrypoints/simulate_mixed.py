@@ -51,7 +51,7 @@ def run_mixed(args, trace: Trace, full: Trace, policy_kwargs: dict) -> int:
     cfg, _ = model_config_for(trace, args)
     ratio, ratio_source = byte_ratio(args.low_precision_bits, cfg and cfg.hidden_size,
                                      cfg and cfg.moe.intermediate_size)
-    levels, level_source = trace_levels(trace, thresholds, args.seed)
+    levels, level_source = trace_levels(trace, thresholds, args.seed, offset=args.start_token)
     out = {"trace": str(args.trace), "model": trace.model, "tokens": trace.num_tokens,
            "trace_tokens": full.num_tokens, "sequences": len(trace.seq_starts), "moe_layers": trace.num_layers,
            "num_experts": trace.num_experts, "top_k": trace.top_k, "precision": "mixed",

@@ -36,6 +36,7 @@ from expertyard.trace.simulate import BLOCK, Predictions, SimulationError, by_la
 FULL_BITS = 16
 GROUP = 64
 STANDIN_SIGMA = 1.7  # std of the stand-in router logits (see `standin_weights`)
+STANDIN_BLOCK = 1024  # tokens per stand-in generator
 
 
 def byte_ratio(bits: int, hidden: int | None = None, inter: int | None = None) -> tuple[float, str]:
@@ -66,31 +67,38 @@ def pool_slots(budget: int, low_fraction: float, ratio: float, top_k: int) -> tu
     return high, low
 
 
-def standin_weights(trace: Trace, seed: int = 0, sigma: float = STANDIN_SIGMA) -> np.ndarray:
+def standin_weights(trace: Trace, seed: int = 0, sigma: float = STANDIN_SIGMA, offset: int = 0) -> np.ndarray:
     """Gate weights [T, L, K] for a trace that did not record them (an ASSUMPTION, not routing data): per
     (token, layer), E router logits drawn i.i.d. N(0, sigma^2), softmax, the top K, and these K weights given to the
     trace's K experts in a random order (the DeepSeek trace's expert lists carry no rank). sigma = 1.7 is fitted to
-    the bundled model: with its E = 16, K = 4 it gives mean sorted top-4 weights 0.511 / 0.235 / 0.149 / 0.105
+    the bundled model: with its E = 16, K = 4 it gives mean sorted top-4 weights 0.513 / 0.235 / 0.148 / 0.104
     against the recorded 0.508 / 0.238 / 0.149 / 0.105 (TinyStories trace), and pairs at full / low / skip
-    45.4 / 39.8 / 14.8% against 45.2 / 40.8 / 14.0%. That the same logit spread holds for a 64-expert router
-    is the assumption."""
-    rng = np.random.default_rng(seed)
+    45.3 / 39.7 / 15.0% against 45.2 / 40.8 / 14.0%. That the same logit spread holds for a 64-expert router
+    is the assumption.
+
+    The draws of token i depend only on (seed, offset + i): each block of STANDIN_BLOCK tokens of the source trace
+    has its own generator, so a window (`--start-token`, `--max-tokens`) gets the weights the whole trace has."""
     t, layers, k = trace.experts.shape
     out = np.empty((t, layers, k), np.float32)
-    for c0 in range(0, t, 4096):
-        n = min(4096, t - c0)
-        logits = rng.standard_normal((n, layers, trace.num_experts)) * sigma
-        top = -np.sort(-logits, axis=-1)[..., :k]  # [n, L, K] descending
+    first, last = offset // STANDIN_BLOCK, (offset + t - 1) // STANDIN_BLOCK
+    for b in range(first, last + 1):
+        rng = np.random.default_rng([seed, b])
+        logits = rng.standard_normal((STANDIN_BLOCK, layers, trace.num_experts)) * sigma
+        perm = np.argsort(rng.random((STANDIN_BLOCK, layers, k)), axis=-1)  # a random order per (token, layer)
+        lo, hi = max(offset, b * STANDIN_BLOCK), min(offset + t, (b + 1) * STANDIN_BLOCK)
+        sel = slice(lo - b * STANDIN_BLOCK, hi - b * STANDIN_BLOCK)
+        top = -np.sort(-logits[sel], axis=-1)[..., :k]  # [n, L, K] descending
         w = np.exp(top - top[..., :1])
         w /= w.sum(-1, keepdims=True)
-        perm = np.argsort(rng.random((n, layers, k)), axis=-1)  # a random order per (token, layer)
-        out[c0:c0 + n] = np.take_along_axis(w, perm, axis=-1)
+        out[lo - offset:hi - offset] = np.take_along_axis(w, perm[sel], axis=-1)
     return out
 
 
-def trace_levels(trace: Trace, thresholds: PrecisionThresholds, seed: int = 0) -> tuple[np.ndarray, str]:
+def trace_levels(trace: Trace, thresholds: PrecisionThresholds, seed: int = 0, offset: int = 0
+                 ) -> tuple[np.ndarray, str]:
     """Per-pair precision level int8 [T, L, K] (FULL, LOW, SKIP) from the trace's gate weights, or from
-    `standin_weights` when the trace has none (all NaN). Returns the levels and their source."""
+    `standin_weights` when the trace has none (all NaN; `offset`: the trace's first token in its source file).
+    Returns the levels and their source."""
     import torch
 
     from expertyard.experts.precision import levels
@@ -98,7 +106,8 @@ def trace_levels(trace: Trace, thresholds: PrecisionThresholds, seed: int = 0) -
     w = trace.weights
     nan = np.isnan(w)
     if nan.all():
-        w, source = standin_weights(trace, seed), f"stand-in weights (N(0, {STANDIN_SIGMA}^2) logits, seed {seed})"
+        w = standin_weights(trace, seed, offset=offset)
+        source = f"stand-in weights (N(0, {STANDIN_SIGMA}^2) logits, seed {seed})"
     elif nan.any():
         raise TraceError("trace key 'weights': NaN for some pairs only; mixed precision needs every pair's weight "
                          "(or none, for the stand-in)")
