@@ -2,22 +2,23 @@
 # Issue 4's quality table (docs/mixed-precision.md): the bundled model on its held-out text, offloaded with a
 # cache of 25% of the experts, one token per step (as decode meets the cache), for full precision, mixed
 # (int4 low copies, thresholds 0.6,0.9) and all-int8/int4/int2; perplexity and greedy agreement with full
-# precision over 256 tokens. Runs on a CPU (float32) or GPU.
+# precision over 256 tokens. float32, on a CPU (about 25 minutes on 2 cores) or a GPU.
 #   python scripts/write_heldout.py --corpus-dir ../shared/data/corpora --out .data/heldout
 #   OUT=/tmp/quality bash benchmarks/mixed_precision_quality.sh
 set -uo pipefail
-export PYTHONPATH=${PYTHONPATH:-src}
+export PYTHONPATH=${PYTHONPATH:-src} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # small CPU ops: threads only contend
 OUT=${OUT:-/tmp/expertyard-quality}
 HELD=${HELD:-.data/heldout}
-TOKENS=${TOKENS:-2049}
+TOKENS=${TOKENS:-1025}
+PROMPTS=${PROMPTS:-2}
 mkdir -p "$OUT"
 cli() { python3 -m expertyard.entrypoints.cli "$@"; }
-EVAL=(--max-tokens "$TOKENS" --window 1024 --stride 1024 --json)
+EVAL=(--max-tokens "$TOKENS" --window 1024 --stride 1024 --dtype float32 --json)
 OFF=(--offload --expert-cache-fraction 0.25 --policy "${POLICY:-lru}" --token-by-token)
 for text in tinystories shakespeare; do
   cli eval --text "$HELD/$text.txt" "${EVAL[@]}" > "$OUT/${text}_full.json"
   agree=()
-  [[ $text == tinystories ]] && agree=(--agreement-tokens 256 --agreement-prompts 4)
+  [[ $text == tinystories ]] && agree=(--agreement-tokens 256 --agreement-prompts "$PROMPTS")
   cli eval --text "$HELD/$text.txt" "${EVAL[@]}" "${OFF[@]}" --low-precision int4 "${agree[@]}" > "$OUT/${text}_mixed_int4.json"
   for bits in 8 4 2; do
     cli eval --text "$HELD/$text.txt" "${EVAL[@]}" "${OFF[@]}" --low-precision int$bits --precision low "${agree[@]}" \
