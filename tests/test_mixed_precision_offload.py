@@ -157,6 +157,15 @@ def test_cli_mixed_precision_with_quantize_files(tmp_path, capsys):
     assert "int3" in capsys.readouterr().err
     assert main(args + ["--low-precision", "int4", "--precision-thresholds", "0.9,0.2"]) == 2
     assert "0.9" in capsys.readouterr().err
+    # hobbit reads the fitted weights shipped beside the bundled model; a bad weights file is named
+    assert main(args + ["--low-precision", "int4", "--policy", "hobbit"]) == 0
+    capsys.readouterr()
+    bad = tmp_path / "w.json"
+    bad.write_text('{"policy": "hobbit", "weights": {"lru": "x"}}')
+    assert main(args + ["--low-precision", "int4", "--policy", "hobbit", "--policy-weights", str(bad)]) == 2
+    assert "w.json" in capsys.readouterr().err
+    assert main(args + ["--policy", "lru", "--policy-weights", str(bad)]) == 2
+    assert "--policy-weights" in capsys.readouterr().err
     assert bundled_model_path().is_dir()
 
 

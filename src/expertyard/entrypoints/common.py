@@ -189,7 +189,7 @@ def make_cache_policy(args, model_dir: Path | None):
         if args.policy_weights is not None:
             raise ConfigError(f"--policy-weights is for --policy hobbit, not {args.policy}")
         return make_policy(args.policy)
-    from expertyard.experts.policies.hobbit import load_hobbit_weights
+    from expertyard.experts.policies.hobbit_weights import load_hobbit_weights
 
     path = args.policy_weights
     if path is None and model_dir is not None and (Path(model_dir) / "hobbit-weights.json").is_file():
