@@ -388,3 +388,11 @@ def test_the_bundled_models_fitted_weights_load():
 
     w = load_hobbit_weights(bundled_model_path() / "hobbit-weights.json")
     assert abs(sum(w.as_tuple()) - 1) < 1e-9
+
+
+def test_adaptive_prefetch_at_full_precision():
+    t = random_trace(tokens=200, layers=4, experts=16, k=3, seqs=6, seed=3)
+    a = simulate(t, "lru", 16, Predictions.oracle(2), adaptive=True)
+    b = simulate(t, "lru", 16, Predictions.oracle(2))
+    assert a.prefetches > 0 and a.prefetch_hits == a.prefetches and a.visits == b.visits
+    assert a.prefetches != b.prefetches
