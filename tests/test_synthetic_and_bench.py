@@ -70,3 +70,27 @@ def test_small_synthetic_model_generates_deterministically():
     loaded2 = build_synthetic("olmoe-1b-7b", num_layers=1, device="cpu", dtype=torch.float32, seed=3)
     engine2 = LLMEngine(loaded2, None, EngineConfig(max_num_seqs=2, max_model_len=16, cuda_graphs=False), set())
     assert engine2.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3))[0].output_token_ids == a
+
+
+def test_offloaded_synthetic_model_has_the_resident_models_experts(tiny_checkpoint):
+    """`--synthetic X --offload` is the same model as `--synthetic X`: the host copies hold the numbers the
+    resident stacks were drawn with (so offloaded runs can be compared with resident ones)."""
+    from expertyard.experts.offloaded import OffloadedExperts
+    from expertyard.experts.resident import ResidentExperts
+    from expertyard.loader.load import build_model, model_config_from_hf
+    from expertyard.synthetic import init_random_weights
+
+    _, hf = tiny_checkpoint("qwen2_moe")  # a dense layer among MoE layers
+    cfg = model_config_from_hf(hf.config)
+    resident = build_model(cfg, torch.device("cpu"), torch.float32, ResidentExperts)
+    offloaded = build_model(cfg, torch.device("cpu"), torch.float32, lambda c, d, t: OffloadedExperts(c, d, t))
+    init_random_weights(resident, seed=5)
+    init_random_weights(offloaded, seed=5)
+    i, d = cfg.moe.intermediate_size, cfg.hidden_size
+    for layer in cfg.moe_layers:
+        for e in range(cfg.moe.num_experts):
+            flat = offloaded.experts.store.source((layer, e), torch.device("cpu"))
+            assert torch.equal(flat[:2 * i * d].view(2 * i, d), resident.experts.w13[layer][e])
+            assert torch.equal(flat[2 * i * d:].view(d, i), resident.experts.w2[layer][e])
+    for (name, a), (_, b) in zip(resident.named_parameters(), offloaded.named_parameters()):
+        assert torch.equal(a, b), name

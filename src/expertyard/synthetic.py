@@ -89,11 +89,16 @@ def init_random_weights(model, seed: int = 0, std: float = 0.02) -> None:
     for tensors in (getattr(experts, "w13", {}), getattr(experts, "w2", {})):
         for t in tensors.values():
             t.normal_(0, std, generator=gen)
-    store = getattr(experts, "store", None)  # offloaded: fill the host copies, one expert at a time
+    store = getattr(experts, "store", None)  # offloaded: the resident backend's numbers, into the host copies
     if store is not None:
-        buf = torch.empty(store.numel, dtype=store.dtype, device=gen.device)
-        for row in range(store.pool.shape[0]):
-            store.pool[row].copy_(buf.normal_(0, std, generator=gen))
+        cfg, e = model.cfg, model.cfg.moe.num_experts
+        i, d = cfg.moe.intermediate_size, cfg.hidden_size
+        for shape, cols in (((e, 2 * i, d), slice(0, 2 * i * d)), ((e, d, i), slice(2 * i * d, 3 * i * d))):
+            buf = torch.empty(shape, dtype=store.dtype, device=gen.device)  # one layer's w13 [E, 2I, D] / w2 [E, D, I]
+            for layer in cfg.moe_layers:  # the order ResidentExperts draws its stacks in
+                buf.normal_(0, std, generator=gen)
+                for x in range(e):
+                    store.pool[store.row[(layer, x)], cols].copy_(buf[x].reshape(-1))
 
 
 def build_synthetic(name: str, num_layers: int | None = None, device: str | torch.device = "cpu",
