@@ -14,14 +14,16 @@ from expertyard.experts.policies import make_policy
 from expertyard.experts.precision import FULL, LOW, SKIP, PrecisionThresholds, levels, pair_plan
 
 
-def _levels_by_hand(w: list[float], t1: float, t2: float) -> list[int]:
+def _levels_by_hand(w: list[float], t1: float, t2: float) -> tuple[list[int], list[float]]:
+    """(level, score) per column, in float64."""
     total = sum(w)
     order = sorted(range(len(w)), key=lambda k: -w[k])  # stable: ties keep column order
-    out, above = [0] * len(w), 0.0
+    out, scores, above = [0] * len(w), [0.0] * len(w), 0.0
     for k in order:
         out[k] = FULL if above <= t1 else LOW if above <= t2 else SKIP
+        scores[k] = above
         above += w[k] / total
-    return out
+    return out, scores
 
 
 @settings(max_examples=200, deadline=None)
@@ -29,17 +31,14 @@ def _levels_by_hand(w: list[float], t1: float, t2: float) -> list[int]:
        st.floats(0, 1), st.floats(0, 1))
 def test_levels_match_a_float64_rederivation(rows, a, b):
     k = min(len(r) for r in rows)
-    rows = [r[:k] for r in rows]
+    w = torch.tensor([r[:k] for r in rows], dtype=torch.float32)  # the weights a router hands over
     t1, t2 = min(a, b), max(a, b)
-    w = torch.tensor(rows, dtype=torch.float64)
     got = levels(w, PrecisionThresholds(t1, t2)).tolist()
-    for row, lv in zip(rows, got):
-        want = _levels_by_hand(list(row), t1, t2)
-        # float32 cumulative sums may land on the other side of a threshold only within rounding of it
-        for k, (x, y) in enumerate(zip(lv, want)):
-            if x != y:
-                above = sum(v for v in row if v > row[k]) / sum(row)
-                assert min(abs(above - t1), abs(above - t2)) < 1e-5
+    for row, lv in zip(w.tolist(), got):  # the same float32 weights, ranked and summed in float64
+        want, scores = _levels_by_hand(row, t1, t2)
+        for x, y, score in zip(lv, want, scores):
+            if x != y:  # float32 sums may land on the other side of a threshold only within rounding of it
+                assert min(abs(score - t1), abs(score - t2)) < 1e-5
 
 
 def test_top1_is_never_skipped_and_defaults_are_hobbits():
