@@ -68,7 +68,11 @@ SYNTHETIC_MODELS: dict[str, Callable] = {
 def synthetic_hf_config(name: str, num_layers: int | None = None):
     if name not in SYNTHETIC_MODELS:
         raise ConfigError(f"unknown synthetic model {name!r}; choose one of {', '.join(SYNTHETIC_MODELS)}")
-    hf_config = SYNTHETIC_MODELS[name]()
+    return shortened(SYNTHETIC_MODELS[name](), num_layers, name)
+
+
+def shortened(hf_config, num_layers: int | None, name: str):
+    """`hf_config` cut to its first `num_layers` layers (`--num-layers`), validated."""
     if num_layers is not None:
         if not 1 <= num_layers <= hf_config.num_hidden_layers:
             raise ConfigError(f"--num-layers {num_layers} must be in 1..{hf_config.num_hidden_layers} for {name}")

@@ -51,18 +51,13 @@ def hf_config_for(synthetic: str | None, model: Path | None, num_layers: int | N
     if num_layers is not None and not synthetic:
         raise ConfigError("--num-layers shortens a --synthetic model only")
     if synthetic:
-        from expertyard.synthetic import SYNTHETIC_MODELS, synthetic_hf_config
+        from expertyard.synthetic import SYNTHETIC_MODELS, shortened, synthetic_hf_config
 
         if synthetic in SYNTHETIC_MODELS:
             return synthetic_hf_config(synthetic, num_layers)
         if synthetic not in PAPER_MODELS:
             raise ConfigError(f"unknown --synthetic model {synthetic!r}; choose one of {', '.join(plan_model_names())}")
-        hf_config = PAPER_MODELS[synthetic]()
-        if num_layers is not None:
-            if not 1 <= num_layers <= hf_config.num_hidden_layers:
-                raise ConfigError(f"--num-layers {num_layers} must be in 1..{hf_config.num_hidden_layers} for {synthetic}")
-            hf_config.num_hidden_layers = num_layers
-        return hf_config
+        return shortened(PAPER_MODELS[synthetic](), num_layers, synthetic)
     from expertyard.entrypoints.common import bundled_model_path
     from expertyard.loader.checkpoint import read_hf_config
 
