@@ -130,6 +130,7 @@ def test_every_pair_is_computed_exactly_once_from_a_copy_it_accepts(seed):
             skipped = plan_dev.weights[t, k] == 0
             missed = not (served_high or served_low or skipped)
             assert served_high + served_low + skipped + missed == 1
+            assert (t * 3 + k in plan.missed_pairs) == missed  # the host's mirror of the device plan
             if missed:
                 pool, slot = plan.miss_source[e]
                 assert slot == cache.pools[pool].slot_of((layer, e))

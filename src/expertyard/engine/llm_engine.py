@@ -79,7 +79,7 @@ class LLMEngine:
         seq = Sequence(prompt_token_ids=ids, params=params)
         if params.seed is not None:
             self.generators[seq.seq_id] = torch.Generator(self.device).manual_seed(params.seed)
-        if not self.scheduler.has_work() and hasattr(self.model.experts, "on_sequence_start"):
+        if not self.scheduler.has_work():
             self.model.experts.on_sequence_start()  # per-sequence cache counters (HOBBIT) start with an idle engine
         self.scheduler.add(seq)
         return seq

@@ -170,7 +170,7 @@ def configure_offload(engine: LLMEngine, args) -> None:
     if not args.json:
         print(plan.describe(), file=sys.stderr)
     predictor = make_predictor(args, model)
-    model_dir = None if getattr(args, "synthetic", None) else (args.model or bundled_model_path())
+    model_dir = model_dir_of(args)
     precision = args.precision or ("mixed" if args.low_precision else "full")
     if precision != "full" and not args.low_precision:
         raise ConfigError(f"--precision {precision} needs low-precision copies: add --low-precision int4 (or int2, int8)")
@@ -244,5 +244,10 @@ def make_predictor(args, model):
         if model.forced_routing is None:
             raise ConfigError("--predictor oracle reads the future of a --routing-trace; give one")
         return TraceOraclePredictor(model.forced_routing, list(model.cfg.moe_layers), depth)
-    model_dir = None if getattr(args, "synthetic", None) else (args.model or bundled_model_path())
-    return load_predictor(name, model, model_dir, depth, args.predictor_path)
+    return load_predictor(name, model, model_dir_of(args), depth, args.predictor_path)
+
+
+def model_dir_of(args) -> Path | None:
+    """The checkpoint directory a command runs (None for --synthetic): files beside it (pre-gate predictor,
+    hobbit weights, quantized experts) are found there."""
+    return None if getattr(args, "synthetic", None) else (args.model or bundled_model_path())

@@ -37,6 +37,9 @@ class ExpertBackend(ABC):
                 self.load_expert_weight(layer, e, "gate", gate)
                 self.load_expert_weight(layer, e, "up", up)
 
+    def on_sequence_start(self) -> None:
+        """A sequence begins on an idle engine (backends with per-sequence state, e.g. HOBBIT's cache counters)."""
+
     def expected_weights(self) -> set[tuple[int, int, str]]:
         """Every (layer, expert, proj) that loading must fill; used to report missing tensors."""
         return set()

@@ -41,6 +41,8 @@ class VisitPlan:
     high_used: list[int]  # experts this visit accesses in each pool (protected until end_visit)
     low_used: list[int]
     skipped: list[int] = field(default_factory=list)  # experts no pair of this visit computes
+    missed_pairs: list[int] = field(default_factory=list)  # pairs the device plan left to the host (in order)
+    pairs_served: dict[str, int] = field(default_factory=dict)  # pairs from a full copy, a low copy, or skipped
 
 
 @dataclass
@@ -88,8 +90,18 @@ class MixedPrecisionCache:
         """pairs: (expert, level) for every (token, expert) pair of the visit. Returns the plan; the accessed
         experts stay protected in their pools until `end_visit`."""
         need: dict[int, int] = {}  # expert -> most demanding level of its pairs
-        for e, level in pairs:
+        served, missed = {"full": 0, "low": 0, "skipped": 0}, []
+        for p, (e, level) in enumerate(pairs):  # per pair, `precision.pair_plan`'s rule on the residency before
             need[e] = min(need.get(e, SKIP), level)
+            key = (layer, e)
+            if key in self.high.resident:
+                served["full"] += 1
+            elif key in self.low.resident and level != FULL:
+                served["low"] += 1
+            elif level == SKIP:
+                served["skipped"] += 1
+            else:
+                missed.append(p)
         high_used, low_used, skipped, miss_pool = [], [], [], {}
         c = self.counters
         for e, level in need.items():
@@ -118,7 +130,9 @@ class MixedPrecisionCache:
         loads = [PoolLoad(HIGH_POOL, ld) for ld in self._access_pool(self.high, layer, high_used, now)]
         loads += [PoolLoad(LOW_POOL, ld) for ld in self._access_pool(self.low, layer, low_used, now)]
         miss_source = {e: (pool, self.pools[pool].slot_of((layer, e))) for e, pool in miss_pool.items()}
-        return VisitPlan(loads, miss_source, high_used, low_used, skipped)
+        for p in missed:
+            served["full" if miss_source[pairs[p][0]][0] == HIGH_POOL else "low"] += 1
+        return VisitPlan(loads, miss_source, high_used, low_used, skipped, missed, served)
 
     @staticmethod
     def _access_pool(state: ExpertCacheState, layer: int, experts: list[int], now: int) -> list[Load]:

@@ -125,7 +125,6 @@ class OffloadedExperts(ExpertBackend):
         self.reset_stats()
 
     def on_sequence_start(self) -> None:
-        """A new sequence begins (HOBBIT's counters are per sequence)."""
         for state in (self.mixed.high, self.mixed.low) if self.mixed else (self.state,):
             state.policy.on_sequence_start()
 
@@ -251,18 +250,18 @@ class OffloadedExperts(ExpertBackend):
         pairs = topk_ids.numel()
         ids, level = flat[:pairs], flat[pairs:2 * pairs]
         _, pred_ids = self._split(flat[pairs:], (1, pairs), preds)  # skip the levels, keep the predictions
-        missed = self._missed_pairs(layer, ids, level)  # which pairs the device plan left to the host
         self._score_prediction(layer, list(dict.fromkeys(ids)))
         visit = self.mixed.access(layer, list(zip(ids, level)), self.now)
+        for kind, n in visit.pairs_served.items():
+            self.pairs_served[kind] += n
         self._copy_pools(visit.loads)
-        if missed:
+        if visit.missed_pairs:
             if self.cuda:
                 self._wait(compute, [self.ready[(pl.pool, pl.load.slot)] for pl in visit.loads])
             slots = {HIGH_POOL: [-1] * pairs, LOW_POOL: [-1] * pairs}
-            for p in missed:
+            for p in visit.missed_pairs:
                 pool, slot = visit.miss_source[ids[p]]
                 slots[pool][p] = slot
-                self.pairs_served["full" if pool == HIGH_POOL else "low"] += 1
             for pool, name in ((HIGH_POOL, f"moe miss L{layer}"), (LOW_POOL, f"moe low miss L{layer}")):
                 if any(s >= 0 for s in slots[pool]):
                     t = torch.tensor(slots[pool], dtype=torch.int32).view(topk_ids.shape)
@@ -274,25 +273,9 @@ class OffloadedExperts(ExpertBackend):
         self._prefetch(pred_ids)
         return y
 
-    def _missed_pairs(self, layer: int, ids: list[int], level: list[int]) -> list[int]:
-        """Pairs `pair_plan` could not serve from residency before this visit (the host's mirror of its rule),
-        counting the served and skipped ones."""
-        high, low, missed = self.mixed.high.resident, self.mixed.low.resident, []
-        for p, (e, lv) in enumerate(zip(ids, level)):
-            key = (layer, e)
-            if key in high:
-                self.pairs_served["full"] += 1
-            elif key in low and lv != FULL:
-                self.pairs_served["low"] += 1
-            elif lv == SKIP:
-                self.pairs_served["skipped"] += 1
-            else:
-                missed.append(p)
-        return missed
-
     def _ffn_pool(self, x, slots, weights, pool, name, stream):
         """FFN over the pairs with a slot (>= 0) in `pool`; -1 pairs contribute nothing."""
-        if not self.cuda:  # the CPU kernel wants valid ids: weight 0 instead
+        if not self.cuda:  # the CPU kernel wants valid ids: slot -1 becomes weight 0
             w13, w2 = (self.w13, self.w2) if pool == HIGH_POOL else (self.low_w13, self.low_w2)
             return fused_moe(x, w13, w2, slots.clamp(min=0), weights * (slots >= 0))
         if pool == HIGH_POOL:
@@ -331,12 +314,8 @@ class OffloadedExperts(ExpertBackend):
 
     def _ffn_group(self, x, ids, slot_of, shape, topk_w, name, stream):
         """FFN over the pairs whose expert is in `slot_of`; the others contribute nothing."""
-        if self.cuda:  # the kernel skips slot -1
-            slots = torch.tensor([slot_of.get(e, -1) for e in ids], dtype=torch.int32).view(shape)
-            return self._ffn(x, slots.to(self.device, non_blocking=True), topk_w, name, stream)
-        keep = torch.tensor([e in slot_of for e in ids]).view(shape)  # CPU kernel wants valid ids: weight 0
-        slots = torch.tensor([slot_of.get(e, 0) for e in ids]).view(shape)
-        return fused_moe(x, self.w13, self.w2, slots, topk_w * keep)
+        slots = torch.tensor([slot_of.get(e, -1) for e in ids], dtype=torch.int32).view(shape)
+        return self._ffn_pool(x, slots.to(self.device, non_blocking=True), topk_w, HIGH_POOL, name, stream)
 
     def _copy(self, loads: list[Load], pool: str = HIGH_POOL) -> None:
         """Copy each loaded expert into its slot of `pool`: on the copy stream after the slot's last reader

@@ -18,10 +18,9 @@ from expertyard.engine.llm_engine import LLMEngine
 from expertyard.engine.sampling_params import SamplingParams
 
 
-def warmup_sizes(max_num_batched_tokens: int, max_model_len: int, ratio: float = 1.25) -> list[int]:
-    """1, 2, 3, ... growing by `ratio`, up to the most tokens one step can hold (one prompt's chunk at most
-    max_model_len - 1)."""
-    limit = max(1, min(max_num_batched_tokens, max_model_len - 1))
+def warmup_sizes(limit: int, ratio: float = 1.25) -> list[int]:
+    """1, 2, 3, ... growing by `ratio`, up to `limit` (the most tokens one step holds)."""
+    limit = max(1, limit)
     sizes, n = {limit}, 1.0
     while n < limit:
         sizes.add(int(n))
@@ -37,7 +36,7 @@ def warm_up(engine: LLMEngine) -> float:
     vocab = engine.model_config.vocab_size
     params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
     longest = max(1, engine.max_model_len - 2)  # a prompt must leave room for its tokens
-    for n in warmup_sizes(engine.config.max_num_batched_tokens, engine.config.max_num_batched_tokens + 1):
+    for n in warmup_sizes(engine.config.max_num_batched_tokens):
         # steps past one prompt's length hold several prompts: warm those sizes up as several prompts at once
         lengths = [longest] * (n // longest) + ([n % longest] if n % longest else [])
         if len(lengths) > engine.config.max_num_seqs:
