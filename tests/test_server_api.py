@@ -316,5 +316,16 @@ def test_warmup_runs_every_step_size_and_leaves_the_engine_idle():
     assert sizes[:4] == [1, 2, 3, 4] and sizes[-1] == 2048
     assert all(b - a == 1 or b / a <= 1.34 for a, b in zip(sizes, sizes[1:]))
     engine = make_engine(max_num_seqs=4, max_model_len=48)
+    shapes, step = [], engine.step
+
+    def recording_step():
+        out = step()
+        shapes.append((len(engine.last_step.prefills), len(engine.last_step.decodes)))
+        return out
+
+    engine.step = recording_step
     assert warm_up(engine) > 0
     assert not engine.has_unfinished() and len(engine.scheduler.free_slots) == 4
+    # the compositions of a loaded server: every slot prefilling at once, and prompts beside running decodes
+    assert (4, 0) in shapes
+    assert any(p >= 1 and d >= 1 for p, d in shapes)

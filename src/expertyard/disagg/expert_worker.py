@@ -1,8 +1,13 @@
 """The loop of an expert rank: for each step, for each MoE layer, for each micro-batch: receive the tokens of
 every attention rank, compute the local experts, send the answers back.
 
-The receive of the next micro-batch is posted before the current one is computed, so the transfer overlaps
-the expert GEMMs; on CUDA nothing in the loop blocks the host.
+Every rank must enqueue its NCCL operations in one order consistent with its peers': the attention ranks
+enqueue dispatch(i) then combine(i), so an expert rank enqueues receive(i), send(i), receive(i+1), ... A
+receive of micro-batch i+1 posted *before* send(i) deadlocks on a GPU whenever the two communicators' streams
+share a hardware queue (CUDA maps streams onto a few connections, CUDA_DEVICE_MAX_CONNECTIONS): receive(i+1)
+waits for the attention rank, which waits for send(i), queued behind it. Overlap comes from the ping-pong
+itself (the attention ranks compute micro-batch i+1 while this rank computes i). On CUDA nothing in the loop
+blocks the host.
 """
 
 from __future__ import annotations
@@ -34,10 +39,8 @@ class ExpertWorker:
         s, c = len(self.sources), capacity
         work = [(layer, i) for layer in self.moe_layers for i in range(micro_batches)]
         sends: list[Pending] = []
-        nxt = self._post_receive(c) if work else None
-        for j, (layer, _) in enumerate(work):
-            recv, pending = nxt
-            nxt = self._post_receive(c) if j + 1 < len(work) else None
+        for layer, _ in work:
+            recv, pending = self._post_receive(c)  # after the previous send: see the module docstring
             pending.wait()
             got = unpack_dispatch(self.layout, recv, s, c)
             y = self.shard.compute(layer, got.x, got.local_ids, got.weights)  # [S * C, D]

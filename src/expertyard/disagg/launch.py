@@ -8,6 +8,7 @@ by `torchrun` on several hosts (every process then calls `run_rank` with the lau
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 import sys
@@ -43,6 +44,9 @@ def rank_main(cfg: DisaggConfig, source: ModelSource, settings: EngineSettings, 
     """The entry point of every launched process: rank and world size come from the launcher's environment."""
     if torch_threads:
         torch.set_num_threads(torch_threads)
+    dump_every = float(os.environ.get("EXPERTYARD_DUMP_STACKS_S", 0) or 0)
+    if dump_every > 0:  # debugging a hang: every rank prints all its threads' Python stacks periodically
+        faulthandler.dump_traceback_later(dump_every, repeat=True)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = rank_device(device_type, int(os.environ.get("LOCAL_RANK", 0)))
     try:

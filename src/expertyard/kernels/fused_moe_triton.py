@@ -25,7 +25,7 @@ from expertyard.kernels.moe_align import max_blocks, moe_align
 # M = padded sorted rows (num_blocks * BLOCK_M), BM/BN/BK = block sizes
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_blocks"])  # counts that vary per step: see moe_align.py
 def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, expert_ids_ptr, block_rows_ptr,
                     N, K, top_k, num_blocks,
                     stride_xt, stride_xk, stride_we, stride_wn, stride_wk, stride_hp,
@@ -74,7 +74,7 @@ def _gate_up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, expert_ids_ptr, block_r
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n[None, :] < N))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_blocks", "k_iters"])  # counts that vary per step: see moe_align.py
 def _down_kernel(h_ptr, w_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, expert_ids_ptr, block_rows_ptr,
                  N, K, out_div, num_blocks, k_iters,
                  stride_hp, stride_we, stride_wn, stride_wk, stride_out,

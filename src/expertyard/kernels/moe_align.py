@@ -10,6 +10,11 @@ output accumulator; larger ones take three (plus a memset):
   2. _offsets_kernel (one program):     padded prefix sums -> seg_start[E], and per block its expert and rows.
   3. _scatter_kernel (grid over pairs): sorted_ids[seg_start[e] + rank] = pair index.
 Ranks from atomics make the order of pairs inside a segment vary between runs; nothing depends on it.
+
+Integer arguments that change from step to step (pair, block and zeroing counts, here and in the GEMM kernels)
+are `do_not_specialize`: Triton otherwise compiles one variant per pattern of "== 1" and "divisible by 16"
+among them, and under serving a step meeting a new pattern stalled every running stream for 0.7-1.8 s. They
+are loop bounds and masks, so the hints bought nothing.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ _SMALL_ONEHOT = 16384  # P x E one-hot elements up to which one program aligns (
 _SMALL_ZERO = 65536  # elements one program zeroes (256 KB of fp32) before a memset launch is cheaper
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])  # counts that vary per step: see moe_align.py
 def _count_kernel(ids_ptr, counts_ptr, rank_ptr, num_pairs, num_experts, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     e = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=-1).to(tl.int32)
@@ -53,7 +58,7 @@ def _write_blocks(counts, starts, ends, offs_e, e_ok, expert_ids_ptr, block_rows
         tl.store(block_rows_ptr + offs_b, tl.where(found > 0, rows, 0), mask=b_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_blocks"])  # counts that vary per step: see moe_align.py
 def _offsets_kernel(counts_ptr, seg_start_ptr, expert_ids_ptr, block_rows_ptr, num_experts, num_blocks,
                     BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr):
     offs_e = tl.arange(0, BLOCK_E)
@@ -66,7 +71,7 @@ def _offsets_kernel(counts_ptr, seg_start_ptr, expert_ids_ptr, block_rows_ptr, n
     _write_blocks(counts, starts, ends, offs_e, e_ok, expert_ids_ptr, block_rows_ptr, num_blocks, BLOCK_M, BLOCK_B)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "num_blocks", "zero_numel"])  # counts that vary per step: see moe_align.py
 def _align_small_kernel(ids_ptr, sorted_ids_ptr, expert_ids_ptr, block_rows_ptr, zero_ptr,
                         num_pairs, num_experts, num_blocks, zero_numel,
                         BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -90,7 +95,7 @@ def _align_small_kernel(ids_ptr, sorted_ids_ptr, expert_ids_ptr, block_rows_ptr,
         tl.store(zero_ptr + offs_z, tl.zeros([BLOCK_Z], dtype=zero_ptr.dtype.element_ty), mask=offs_z < zero_numel)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])  # counts that vary per step: see moe_align.py
 def _scatter_kernel(ids_ptr, rank_ptr, seg_start_ptr, sorted_ids_ptr, num_pairs, num_experts,
                     BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)

@@ -113,7 +113,7 @@ def _group_sums(a, ones, xs, IEEE: tl.constexpr):
         return tl.dot(a, ones, xs)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_blocks"])  # counts that vary per step: see moe_align.py
 def _qgate_up_kernel(x_ptr, pool_ptr, pool16_ptr, h_ptr, sorted_ids_ptr, slot_ids_ptr, block_rows_ptr,
                      N, K, top_k, num_blocks, slot_bytes, off_q, off_s, off_m,
                      stride_xt, stride_xk, stride_hp,
@@ -178,7 +178,7 @@ def _qgate_up_kernel(x_ptr, pool_ptr, pool16_ptr, h_ptr, sorted_ids_ptr, slot_id
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n[None, :] < N))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_blocks", "iters_per_split"])  # counts that vary per step: see moe_align.py
 def _qdown_kernel(h_ptr, pool_ptr, pool16_ptr, out_ptr, topk_w_ptr, sorted_ids_ptr, slot_ids_ptr, block_rows_ptr,
                   N, K, out_div, num_blocks, iters_per_split, slot_bytes, off_q, off_s, off_m,
                   stride_hp, stride_out,

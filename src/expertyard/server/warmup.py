@@ -29,8 +29,8 @@ def warmup_sizes(limit: int, ratio: float = 1.25) -> list[int]:
 
 
 def warm_up(engine: LLMEngine) -> float:
-    """Prefill each grid size alone, decode a full batch, then capture every decode graph bucket; returns the
-    seconds it took."""
+    """Prefill each grid size alone, decode a full batch, run the step compositions of a loaded server, then
+    capture every decode graph bucket; returns the seconds it took."""
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(0)
     vocab = engine.model_config.vocab_size
@@ -44,6 +44,27 @@ def warm_up(engine: LLMEngine) -> float:
         engine.generate([torch.randint(vocab, (m,), generator=g).tolist() for m in lengths], params)
     batch = [torch.randint(vocab, (4,), generator=g).tolist() for _ in range(engine.config.max_num_seqs)]
     engine.generate(batch, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    _warm_compositions(engine, g)
     if engine.runner.graphs is not None:  # batch sizes and context lengths vary under load: every bucket now
         engine.runner.graphs.capture_all()
     return time.perf_counter() - t0
+
+
+def _warm_compositions(engine: LLMEngine, g: torch.Generator) -> None:
+    """Steps a loaded server meets and the size grid does not: every slot's prompt in one step (the padded
+    multi-prompt attention), and a prompt joining running decodes (an eager step mixing both)."""
+    vocab, seqs = engine.model_config.vocab_size, engine.config.max_num_seqs
+    budget = engine.config.max_num_batched_tokens
+    short = max(1, min(engine.max_model_len - 4, budget // seqs))
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    for _ in range(seqs):
+        engine.add_request(torch.randint(vocab, (short,), generator=g).tolist(), params)
+    engine.step()  # one step holding many prompts (or as many as the token budget lets in)
+    while engine.has_unfinished():
+        engine.step()
+    for _ in range(max(1, seqs - 1)):
+        engine.add_request(torch.randint(vocab, (4,), generator=g).tolist(), params)
+    engine.step()  # their prefill; the next step decodes them beside a new prompt
+    engine.add_request(torch.randint(vocab, (short,), generator=g).tolist(), params)
+    while engine.has_unfinished():
+        engine.step()
