@@ -2,12 +2,14 @@
 # Disaggregated expert parallelism (issue 6) in one device run, on 4 GPUs (docs/disaggregation.md):
 #   OUT=/tmp/out bash benchmarks/gpu_disagg.sh               (4 GPUs, NCCL, bf16; about 6 minutes)
 #   DEVICE=cpu OUT=/tmp/out bash benchmarks/gpu_disagg.sh    (the same steps at tiny sizes on CPU with gloo)
+#   STEPS=c OUT=/tmp/out bash benchmarks/gpu_disagg.sh       (only some of the steps below: any of a, b, c)
 # (a) the NCCL correctness matrix, (b) M2N dispatch/combine vs all_to_all_single, (c) decode per GPU:
 # ping-pong m=1..4 (2+2 and 3+1 ranks) vs colocated EP on the same 4 GPUs.
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1 TORCHELASTIC_ERROR_FILE= LOGLEVEL=WARNING
 OUT=${OUT:-/tmp/expertyard-gpu}
 DEVICE=${DEVICE:-cuda}
+STEPS=${STEPS:-abc}
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"
 : > "$LOG"
@@ -25,12 +27,17 @@ else
   SIZES=4KB,64KB
 fi
 
+if [[ $STEPS == *a* ]]; then
 echo "== (a) correctness: distributed vs single-device resident" | tee -a "$LOG"
 timeout 300 python3 -m pytest "${TESTS[@]}" -q -p no:cacheprovider 2>&1 | tail -6 | tee -a "$LOG"
+fi
 
+if [[ $STEPS == *b* ]]; then
 echo "== (b) M2N micro-benchmark (2 attention x 2 expert ranks)" | tee -a "$LOG"
 timeout 120 python3 benchmarks/bench_m2n.py --attention-ranks 2 --expert-ranks 2 --device "$DEVICE" --sizes "$SIZES" \
   --out "$OUT/m2n.json" 2>&1 | quiet | tee -a "$LOG"
+fi
+[[ $STEPS == *c* ]] || exit 0
 
 echo "== (c) decode on 4 ranks" | tee -a "$LOG"
 bench() {  # name, then flags

@@ -20,6 +20,7 @@ from expertyard.disagg.config import DisaggConfig
 from expertyard.disagg.groups import Groups
 from expertyard.disagg.pingpong import run_micro_batches
 from expertyard.disagg.step_plan import StepHeader, plan_step
+from expertyard.disagg.step_profiler import StepProfiler
 from expertyard.disagg.transport import Exchanger
 from expertyard.engine.scheduler import ScheduledStep
 from expertyard.errors import DeploymentDownError
@@ -72,6 +73,7 @@ class DistributedRunner:
         self._stop = threading.Event()
         self._heartbeat = threading.Thread(target=self._beat, name="expertyard-heartbeat", daemon=True)
         self._heartbeat.start()
+        self._profiler = StepProfiler(0, "attention, driver")
 
     def _broadcast(self, header: StepHeader) -> None:
         if self.down_reason is not None:
@@ -96,6 +98,7 @@ class DistributedRunner:
     @torch.inference_mode()
     def run(self, step: ScheduledStep, all_logits: bool = False) -> torch.Tensor:
         """Logits [N, V] float32 in step order (see ModelRunner.run)."""
+        self._profiler.step()
         header, order = plan_step(step, self.cfg, self.max_num_seqs, all_logits, self.micro_batches)
         counts = [sum(len(mb.out_rows) for mb in plans) for plans in header.plans]
         offsets = [sum(counts[:r]) for r in range(len(counts))]
@@ -130,12 +133,14 @@ class DistributedRunner:
 
 def follow(groups: Groups, attention: AttentionRank | None, expert_worker) -> None:
     """The loop of every rank but 0: run each step's share until rank 0 says stop."""
+    profiler = StepProfiler(dist.get_rank(), "attention" if attention is not None else "expert")
     while True:
         header = broadcast_header(None, groups)
         if header.command == "stop":
             return
         if header.command != "step":
             continue
+        profiler.step()
         if attention is not None:
             attention.follow(header)
         else:
