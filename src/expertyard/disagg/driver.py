@@ -22,6 +22,7 @@ from expertyard.disagg.pingpong import run_micro_batches
 from expertyard.disagg.step_plan import StepHeader, plan_step
 from expertyard.disagg.step_profiler import StepProfiler
 from expertyard.disagg.transport import Exchanger
+from expertyard.engine.host_ints import long_tensor
 from expertyard.engine.scheduler import ScheduledStep
 from expertyard.errors import DeploymentDownError
 from expertyard.models.base import CausalLM
@@ -102,8 +103,7 @@ class DistributedRunner:
         header, order = plan_step(step, self.cfg, self.max_num_seqs, all_logits, self.micro_batches)
         counts = [sum(len(mb.out_rows) for mb in plans) for plans in header.plans]
         offsets = [sum(counts[:r]) for r in range(len(counts))]
-        index = torch.tensor([offsets[r] + j for r, j in order], dtype=torch.long).to(self.attention.device,
-                                                                                     non_blocking=True)  # [N]
+        index = long_tensor([offsets[r] + j for r, j in order], self.attention.device)  # [N]
         with self._lock:
             self._broadcast(header)
             try:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from expertyard.disagg.step_plan import MicroBatchPlan
+from expertyard.engine.host_ints import long_tensor
 from expertyard.layers.moe import SparseMoeBlock
 from expertyard.models.base import CausalLM
 
@@ -49,10 +50,10 @@ def run_micro_batches(model: CausalLM, kv_cache: list[list[torch.Tensor]], plans
     every exchange (with zero rows), so that all ranks step through the layers in lockstep."""
     mbs = []
     for plan in plans:
-        ids = torch.tensor(plan.token_ids, dtype=torch.long).to(device, non_blocking=True)
+        ids = long_tensor(plan.token_ids, device)
         mb = _MicroBatch(plan, model.model.embed_tokens(ids))  # [T_i, D]
         # every host-to-device copy before the layer loop: a pageable copy waits for the stream's earlier work
-        mb.rows = torch.tensor(plan.out_rows, dtype=torch.long).to(device, non_blocking=True)
+        mb.rows = long_tensor(plan.out_rows, device)
         if plan.num_tokens:
             mb.meta = plan.metadata(device)
             mb.cos, mb.sin = model.rope.cos_sin(mb.meta.positions)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from expertyard.disagg.config import DisaggConfig
+from expertyard.engine.host_ints import long_tensor
 from expertyard.engine.scheduler import ScheduledStep
 from expertyard.layers.attention_metadata import AttentionMetadata, PrefillSpan
 
@@ -31,7 +32,7 @@ class MicroBatchPlan:
         return len(self.token_ids)
 
     def metadata(self, device: torch.device) -> AttentionMetadata:
-        as_t = lambda v: torch.tensor(v, dtype=torch.long).to(device, non_blocking=True)  # noqa: E731
+        as_t = lambda v: long_tensor(v, device)  # noqa: E731
         slots, num_prefill = as_t(self.slots), sum(p[2] for p in self.prefills)
         return AttentionMetadata(
             token_slots=slots, positions=as_t(self.positions), prefills=[PrefillSpan(*p) for p in self.prefills],

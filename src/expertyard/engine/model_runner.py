@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from expertyard.engine.cuda_graph import DecodeGraphs
+from expertyard.engine.host_ints import long_tensor
 from expertyard.engine.kv_cache import allocate_kv_cache
 from expertyard.engine.piecewise_graph import PiecewiseDecodeGraphs
 from expertyard.engine.scheduler import ScheduledStep
@@ -27,7 +28,7 @@ class ModelRunner:
             self.graphs = graphs_cls(model, self.kv_cache, max_num_seqs, max_model_len, scratch)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+        return long_tensor(values, self.device)
 
     @torch.inference_mode()
     def run(self, step: ScheduledStep, all_logits: bool = False) -> torch.Tensor:

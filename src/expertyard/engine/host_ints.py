@@ -1,0 +1,16 @@
+"""Host lists of ints (slots, positions, token ids) as device tensors, without stalling the host."""
+
+from __future__ import annotations
+
+import torch
+
+
+def long_tensor(values, device: torch.device) -> torch.Tensor:
+    """`values` as an int64 tensor on `device`. On CUDA the list is staged in pinned memory (torch's caching host
+    allocator, which keeps the block until the copy is done), so the copy is queued on the stream and the host
+    goes on: from pageable memory cudaMemcpyAsync waits until the stream has drained (1.7 ms per copy measured
+    in the disaggregated step on an H200, where the stream still held the previous step's work)."""
+    t = torch.tensor(values, dtype=torch.long)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
