@@ -141,6 +141,45 @@ def test_deployment_matches_single_process(source_name, cfg, replicate, ms):
         _assert_matches(results[m], ref)
 
 
+PIECE_CASES = [  # the CUDA-graph split of decode steps (decode_pieces.py), run as plain functions on CPU
+    ("tiny", DisaggConfig(attention_ranks=2, expert_ranks=2), {}, [1, 2, 3, 4]),
+    ("tiny", DisaggConfig(attention_ranks=1, expert_ranks=3), {0: [0, 3], 2: [7]}, [1, 3]),
+    ("tiny", DisaggConfig.colocated(2), {}, [1, 2]),
+]
+
+
+@pytest.mark.parametrize("source_name,cfg,replicate,ms", PIECE_CASES,
+                         ids=[f"{s}-{c.mode}-{c.attention_ranks}x{c.expert_ranks}" for s, c, _, _ in PIECE_CASES])
+def test_decode_pieces_match_single_process(source_name, cfg, replicate, ms):
+    """Decode steps through the graph pieces (padded to a capacity bucket, padding never dispatched): the same
+    tokens and log-probabilities as one process."""
+    prompts, ref = _reference(source_name)
+    settings = EngineSettings(max_num_seqs=4, max_model_len=64, replicate=replicate, decode_graphs=True)
+    job = functools.partial(jobs.greedy_each_m, prompts=prompts, max_tokens=MAX_TOKENS, ms=ms)
+    results = launch_local(cfg, SOURCES[source_name], settings, "cpu", torch.float32, job, torch_threads=1)
+    for m in ms:
+        _assert_matches(results[m], ref)
+
+
+def test_padding_rows_are_never_dispatched():
+    layout, placement = RowLayout(8, 2, torch.float32), ExpertPlacement.balanced([0], 4, 2)
+    x, ids, w = torch.randn(6, 8), torch.tensor([[0, 1], [2, 3]] * 3), torch.rand(6, 2)
+    valid = torch.arange(6) < 4
+    buf, route = pack_dispatch(layout, x, ids, w, *placement.tables(0, x.device), 2, 8, valid)
+    assert not route.sent[4:].any() and route.sent[:4].any(dim=1).all()
+    counts = layout.meta(buf.view(2, 9, -1)[:, 0])[:, 0]
+    assert counts.tolist() == route.sent[:4].sum(dim=0).float().tolist()
+
+
+def test_graph_capacities_cover_every_micro_batch():
+    from expertyard.disagg.step_plan import graph_capacities
+
+    cfg = DisaggConfig(attention_ranks=2, expert_ranks=2)
+    caps = graph_capacities(cfg, max_num_seqs=256)
+    assert caps[-1] >= 128 and all(c % cfg.capacity_multiple == 0 for c in caps)
+    assert len(caps) <= 8  # few graphs
+
+
 # ---- failures -------------------------------------------------------------------------------------------
 
 def _generate_until_down(engine, out_dir: str):

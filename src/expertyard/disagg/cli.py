@@ -109,7 +109,7 @@ def serve_job(engine, args) -> int:
 def serve(args) -> int:
     settings = EngineSettings(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                               max_num_batched_tokens=args.max_num_batched_tokens,
-                              replicate=parse_replicate(args.replicate_experts))
+                              replicate=parse_replicate(args.replicate_experts), decode_graphs=decode_graphs(args))
     try:
         run_distributed(args, settings, functools.partial(serve_job, args=args), args.max_restarts)
     except DeploymentDownError as e:
@@ -147,6 +147,10 @@ def serve_down(args, reason: str) -> None:
 
 # ---- bench --------------------------------------------------------------------------------------------
 
+def decode_graphs(args) -> bool | None:
+    return False if args.eager_decode else None  # None: CUDA graphs wherever the ranks run on CUDA
+
+
 def bench_job(engine, batch_sizes: list[int], prompt_len: int, decode_tokens: int, ms: list[int], seed: int) -> dict:
     from expertyard.disagg.jobs import decode_throughput
 
@@ -158,7 +162,7 @@ def bench(args, batch_sizes: list[int]) -> dict:
     cfg = disagg_config(args)
     settings = EngineSettings(max_num_seqs=max(batch_sizes), max_model_len=args.prompt_len + args.decode_tokens + 1,
                               max_num_batched_tokens=max(batch_sizes) * args.prompt_len,
-                              replicate=parse_replicate(args.replicate_experts))
+                              replicate=parse_replicate(args.replicate_experts), decode_graphs=decode_graphs(args))
     job = functools.partial(bench_job, batch_sizes=batch_sizes, prompt_len=args.prompt_len,
                             decode_tokens=args.decode_tokens, ms=ms, seed=args.seed)
     runs = run_distributed(args, settings, job)
@@ -169,7 +173,8 @@ def bench(args, batch_sizes: list[int]) -> dict:
               "mode": cfg.mode, "attention_ranks": cfg.attention_ranks if cfg.mode == "disaggregated" else None,
               "expert_ranks": cfg.expert_ranks if cfg.mode == "disaggregated" else None, "gpus": cfg.world_size,
               "device": kind, "dtype": str(dtype).removeprefix("torch."), "prompt_len": args.prompt_len,
-              "decode_tokens": args.decode_tokens, "runs": []}
+              "decode_tokens": args.decode_tokens, "decode_graphs": kind == "cuda" and not args.eager_decode,
+              "runs": []}
     for b, per_m in runs.items():
         for m, r in per_m.items():
             result["runs"].append({"batch": b, "micro_batches": m, **r,
@@ -180,8 +185,9 @@ def bench(args, batch_sizes: list[int]) -> dict:
 def print_bench_table(r: dict) -> None:
     shape = f"{r['attention_ranks']} attention + {r['expert_ranks']} expert ranks" if r["mode"] == "disaggregated" \
         else f"{r['gpus']} ranks"
+    graphs = "decode from CUDA graphs" if r.get("decode_graphs") else "eager decode"
     print(f"{r['model']} ({r['dtype']}, {r['device']}): {r['mode']}, {shape}; prompt {r['prompt_len']}, "
-          f"decode {r['decode_tokens']} tokens")
+          f"decode {r['decode_tokens']} tokens; {graphs}")
     print(f"{'batch':>5} {'m':>2} {'decode tok/s':>13} {'tok/s/GPU':>10} {'TPOT ms':>8}")
     for row in r["runs"]:
         print(f"{row['batch']:>5} {row['micro_batches']:>2} {row['decode_tokens_per_s']:13.1f} "

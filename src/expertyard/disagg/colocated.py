@@ -21,7 +21,7 @@ from expertyard.experts.backend import ExpertBackend
 class InFlight:
     route: DispatchRoute
     answers: torch.Tensor  # [W * C, D]
-    pending: Pending
+    pending: list[Pending]
 
 
 class ColocatedExperts(ExpertBackend):
@@ -34,18 +34,29 @@ class ColocatedExperts(ExpertBackend):
         self.tables = {layer: placement.tables(layer, device) for layer in placement.holders}
         self.capacity = 0  # set per step by the driver
 
+    @property
+    def destinations(self) -> int:
+        return self.world
+
     def start(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> InFlight:
         w, c, d = self.world, self.capacity, self.layout.hidden
         send, route = pack_dispatch(self.layout, x, topk_ids, topk_w, *self.tables[layer], w, c)  # [W * (C+1), Wd]
+        answers = torch.empty(w * c, d, dtype=x.dtype, device=x.device)
+        return InFlight(route, answers, self.communicate(layer, send, answers))
+
+    def communicate(self, layer: int, send: torch.Tensor, answers: torch.Tensor) -> list[Pending]:
+        """Dispatch send [W * (C+1), Wd] to all, compute the local experts on what arrived, and combine their
+        answers into `answers` [W * C, D] (the last transfer is left in flight)."""
+        w, c = self.world, self.capacity
         recv = torch.empty_like(send)
         self.dispatch.all_to_all(recv, send).wait()
         got = unpack_dispatch(self.layout, recv, w, c)
         y = self.shard.compute(layer, got.x, got.local_ids, got.weights)  # [W * C, D]
-        answers = torch.empty(w * c, d, dtype=x.dtype, device=x.device)
-        return InFlight(route, answers, self.combine_ex.all_to_all(answers, y))
+        return [self.combine_ex.all_to_all(answers, y)]
 
     def finish(self, flight: InFlight) -> torch.Tensor:
-        flight.pending.wait()
+        for p in flight.pending:
+            p.wait()
         return combine(flight.route, flight.answers, flight.answers.dtype)
 
     def forward(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from expertyard.disagg.config import DisaggConfig
+from expertyard.disagg.decode_pieces import DecodePieces
 from expertyard.disagg.groups import Groups
 from expertyard.disagg.pingpong import run_micro_batches
 from expertyard.disagg.step_plan import StepHeader, plan_step
@@ -43,15 +44,20 @@ def broadcast_header(header: StepHeader | None, groups: Groups) -> StepHeader:
 class AttentionRank:
     """What an attention rank runs per step: its micro-batches, then its hidden states to rank 0."""
 
-    def __init__(self, model: CausalLM, kv_cache, exchange, groups: Groups, cfg: DisaggConfig, device: torch.device):
+    def __init__(self, model: CausalLM, kv_cache, exchange, groups: Groups, cfg: DisaggConfig, device: torch.device,
+                 pieces: DecodePieces | None = None):
         self.model, self.kv_cache, self.exchange, self.cfg, self.device = model, kv_cache, exchange, cfg, device
+        self.pieces = pieces  # decode steps from CUDA graphs (None: always the eager loop)
         self.results = Exchanger(groups.results, device, "sending hidden states to rank 0")
         self.rank = dist.get_rank()
         self._last_send = None
 
     def run(self, header: StepHeader) -> torch.Tensor:
         self.exchange.capacity = header.capacity
-        return run_micro_batches(self.model, self.kv_cache, header.plans[self.rank], self.exchange, self.device)
+        plans = header.plans[self.rank]
+        if header.graphs:
+            return self.pieces.run(plans, header.capacity, header.decode_len)
+        return run_micro_batches(self.model, self.kv_cache, plans, self.exchange, self.device)
 
     def follow(self, header: StepHeader) -> None:
         hidden = self.run(header)  # [n, D]
@@ -100,7 +106,8 @@ class DistributedRunner:
     def run(self, step: ScheduledStep, all_logits: bool = False) -> torch.Tensor:
         """Logits [N, V] float32 in step order (see ModelRunner.run)."""
         self._profiler.step()
-        header, order = plan_step(step, self.cfg, self.max_num_seqs, all_logits, self.micro_batches)
+        header, order = plan_step(step, self.cfg, self.max_num_seqs, all_logits, self.micro_batches,
+                                  graphs=self.attention.pieces is not None)
         counts = [sum(len(mb.out_rows) for mb in plans) for plans in header.plans]
         offsets = [sum(counts[:r]) for r in range(len(counts))]
         index = long_tensor([offsets[r] + j for r, j in order], self.attention.device)  # [N]

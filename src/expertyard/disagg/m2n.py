@@ -67,8 +67,9 @@ class DispatchRoute:
 
 def pack_dispatch(layout: RowLayout, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor,
                   rank_of: torch.Tensor, local_of: torch.Tensor, replicas: torch.Tensor, num_dest: int,
-                  capacity: int) -> tuple[torch.Tensor, DispatchRoute]:
-    """x [T, D], topk_ids [T, K], topk_w [T, K] -> (buffer [N * (C + 1), W], route). No host sync."""
+                  capacity: int, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, DispatchRoute]:
+    """x [T, D], topk_ids [T, K], topk_w [T, K] -> (buffer [N * (C + 1), W], route). No host sync.
+    `valid` [T] bool, if given, keeps the other rows (a CUDA graph's padding) from being sent anywhere."""
     t, k = topk_ids.shape
     d, n, c = layout.hidden, num_dest, capacity
     assert t <= c, f"{t} tokens exceed the capacity {c}"
@@ -79,6 +80,8 @@ def pack_dispatch(layout: RowLayout, x: torch.Tensor, topk_ids: torch.Tensor, to
     local = local_of[ids, replica]  # [T, K] its row in that rank's stacks
     hit = dest[:, :, None] == torch.arange(n, device=dev)  # [T, K, N]
     sent = hit.any(dim=1)  # [T, N]
+    if valid is not None:
+        sent &= valid[:, None]
     pos = sent.long().cumsum(dim=0) - 1  # [T, N]
     counts = sent.sum(dim=0)  # [N]
     scratch = n * (c + 1)

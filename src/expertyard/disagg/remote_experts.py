@@ -36,14 +36,23 @@ class RemoteExperts(ExpertBackend):
         self.tables = {layer: placement.tables(layer, device) for layer in placement.holders}
         self.capacity = 0  # set per step by the driver (from the step header)
 
+    @property
+    def destinations(self) -> int:
+        return len(self.expert_ranks)
+
     def start(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor) -> InFlight:
-        n, c = len(self.expert_ranks), self.capacity
+        n, c = self.destinations, self.capacity
         buf, route = pack_dispatch(self.layout, x, topk_ids, topk_w, *self.tables[layer], n, c)  # [N * (C+1), W]
-        chunks = buf.view(n, c + 1, -1)
         answers = torch.empty(n * c, self.layout.hidden, dtype=x.dtype, device=x.device)  # [N * C, D]
+        return InFlight(route, answers, self.communicate(layer, buf, answers))
+
+    def communicate(self, layer: int, buf: torch.Tensor, answers: torch.Tensor) -> list[Pending]:
+        """The exchange of one packed micro-batch: buf [N * (C+1), W] out, the answers [N * C, D] back."""
+        n, c = self.destinations, self.capacity
+        chunks = buf.view(n, c + 1, -1)
         sent = self.dispatch.p2p([(r, chunks[j]) for j, r in enumerate(self.expert_ranks)], [])
         back = self.combine_ex.p2p([], [(r, answers[j * c:(j + 1) * c]) for j, r in enumerate(self.expert_ranks)])
-        return InFlight(route, answers, [sent, back])
+        return [sent, back]
 
     def finish(self, flight: InFlight) -> torch.Tensor:
         for p in flight.pending:

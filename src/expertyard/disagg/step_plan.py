@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from expertyard.disagg.config import DisaggConfig
+from expertyard.engine.cuda_graph import buckets
 from expertyard.engine.host_ints import long_tensor
 from expertyard.engine.scheduler import ScheduledStep
 from expertyard.layers.attention_metadata import AttentionMetadata, PrefillSpan
@@ -49,6 +50,8 @@ class StepHeader:
     capacity: int = 0
     micro_batches: int = 1
     plans: list[list[MicroBatchPlan]] = field(default_factory=list)  # [attention rank][micro-batch]
+    graphs: bool = False  # a decode step the attention ranks replay from CUDA graphs (decode_pieces.py)
+    decode_len: int = 0  # with graphs: the longest cached context of the step (picks the length bucket)
 
 
 def kv_rows_per_rank(cfg: DisaggConfig, max_num_seqs: int) -> int:
@@ -63,11 +66,19 @@ def owner(cfg: DisaggConfig, slot: int, max_num_seqs: int) -> tuple[int, int]:
     return slot % cfg.attention_ranks, slot // cfg.attention_ranks
 
 
+def graph_capacities(cfg: DisaggConfig, max_num_seqs: int) -> list[int]:
+    """The capacities a graph-replayed decode step may have: a few buckets up to the most sequences one
+    attention rank holds (its micro-batches hold at most that many tokens), so that few graphs are captured."""
+    limit = cfg.capacity(-(-max_num_seqs // cfg.attention_ranks))
+    return sorted({cfg.capacity(b) for b in buckets(limit, [1, 2, 4, 8, 16, 24, 32, 48, 64])})
+
+
 def plan_step(step: ScheduledStep, cfg: DisaggConfig, max_num_seqs: int, all_logits: bool = False,
-              micro_batches: int | None = None) -> tuple[StepHeader, list[tuple[int, int]]]:
+              micro_batches: int | None = None, graphs: bool = False) -> tuple[StepHeader, list[tuple[int, int]]]:
     """-> (header, order): order[j] = (attention rank, row in that rank's returned hidden states) of the j-th
     output row (one per sampling span in step order, or one per token with `all_logits`). `micro_batches`
-    overrides cfg.micro_batches for this step."""
+    overrides cfg.micro_batches for this step. With `graphs`, a decode-only step is marked for the attention
+    ranks' CUDA graphs and its capacity rounded up to a graph bucket."""
     m, ranks = micro_batches or cfg.micro_batches, cfg.attention_ranks
     per_rank: list[list] = [[] for _ in range(ranks)]
     for span in step.spans:
@@ -103,5 +114,9 @@ def plan_step(step: ScheduledStep, cfg: DisaggConfig, max_num_seqs: int, all_log
         n = span.length if all_logits else int(span.samples)
         order += [(rank, first + j) for j in range(n)]
     capacity = cfg.capacity(max((mb.num_tokens for mbs in plans for mb in mbs), default=0))
-    return StepHeader("step", capacity, m, plans), order
+    if not (graphs and step.spans and not step.prefills and not all_logits):
+        return StepHeader("step", capacity, m, plans), order
+    capacity = next(c for c in graph_capacities(cfg, max_num_seqs) if c >= capacity)
+    decode_len = max(c for mbs in plans for mb in mbs for c in mb.decode_context)
+    return StepHeader("step", capacity, m, plans, graphs=True, decode_len=decode_len), order
 

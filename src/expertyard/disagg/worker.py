@@ -13,6 +13,7 @@ import torch.distributed as dist
 from expertyard.config import ModelConfig
 from expertyard.disagg.colocated import ColocatedExperts
 from expertyard.disagg.config import DisaggConfig
+from expertyard.disagg.decode_pieces import DecodePieces
 from expertyard.disagg.driver import AttentionRank, DistributedRunner, follow
 from expertyard.disagg.expert_shard import ExpertShard, NoExperts
 from expertyard.disagg.expert_worker import ExpertWorker
@@ -72,6 +73,8 @@ class EngineSettings:
     max_model_len: int | None = None
     max_num_batched_tokens: int = 2048
     replicate: dict[int, list[int]] = field(default_factory=dict)  # layer -> hot experts copied to every rank
+    decode_graphs: bool | None = None  # attention ranks replay decode steps from CUDA graphs (None: on CUDA);
+    # True off CUDA runs the same pieces eagerly (tests of the piece split)
 
 
 def effective_max_model_len(cfg: ModelConfig, requested: int | None) -> int:
@@ -121,8 +124,11 @@ def run_rank(cfg: DisaggConfig, source: ModelSource, settings: EngineSettings, r
             model.set_expert_backend(exchange)  # drops the full expert stacks of a random-weight model
             _free(device)
             max_len = effective_max_model_len(mcfg, settings.max_model_len)
-            kv = allocate_kv_cache(model, kv_rows_per_rank(cfg, settings.max_num_seqs), max_len, device, dtype)
-            attention = AttentionRank(model, kv, exchange, groups, cfg, device)
+            rows = kv_rows_per_rank(cfg, settings.max_num_seqs)
+            kv = allocate_kv_cache(model, rows, max_len, device, dtype)
+            graphs = settings.decode_graphs if settings.decode_graphs is not None else device.type == "cuda"
+            pieces = DecodePieces(model, kv, exchange, rows - 1, max_len, device.type == "cuda") if graphs else None
+            attention = AttentionRank(model, kv, exchange, groups, cfg, device, pieces)
             if rank == 0:
                 result = _drive(cfg, source, settings, loaded, attention, groups, job)
             else:

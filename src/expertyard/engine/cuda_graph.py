@@ -16,7 +16,23 @@ from expertyard.models.base import CausalLM
 # B = sequences in the decode step, V = vocabulary
 
 
-def _buckets(limit: int, first: list[int]) -> list[int]:
+def capture(fn, pool, side_stream: torch.cuda.Stream, error_mode: str = "global"):
+    """Warm `fn` up on `side_stream` (lazy init and compilation must not happen during capture), then capture
+    it into a graph in memory pool `pool` (None: a new one): (graph, fn's static output). `error_mode`
+    "thread_local" lets other threads (NCCL's watchdog polling its events) go on during the capture."""
+    side_stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side_stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side_stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode=error_mode):
+        out = fn()
+    return graph, out
+
+
+def buckets(limit: int, first: list[int]) -> list[int]:
+    """`first` below `limit`, then doubling up to `limit` (which is always the last)."""
     out = [b for b in first if b < limit]
     while not out or out[-1] < limit:
         out.append(min(limit, (out[-1] * 2) if out else 1))
@@ -30,8 +46,8 @@ class BucketedDecodeGraphs:
     def __init__(self, model: CausalLM, kv_cache: list[list[torch.Tensor]], max_batch: int, max_len: int,
                  scratch_slot: int):
         self.model, self.kv_cache, self.scratch_slot = model, kv_cache, scratch_slot
-        self.batch_buckets = _buckets(max_batch, [1, 2, 4, 8, 16, 24, 32, 48, 64])
-        self.len_buckets = _buckets(max_len, [256])
+        self.batch_buckets = buckets(max_batch, [1, 2, 4, 8, 16, 24, 32, 48, 64])
+        self.len_buckets = buckets(max_len, [256])
         self.pool = None
         self._side_stream = None
         self.entries: dict[tuple[int, int], tuple[object, dict[str, torch.Tensor]]] = {}
@@ -81,19 +97,10 @@ class BucketedDecodeGraphs:
         return bufs, meta
 
     def _graph(self, fn):
-        """Warm `fn` up on a side stream (lazy init and compilation must not happen during capture), then
-        capture it into a graph sharing this object's memory pool: (graph, its static output)."""
+        """`capture` into this object's memory pool: (graph, its static output)."""
         if self._side_stream is None:  # one stream for every warm-up: the allocator reuses blocks per stream
             self._side_stream = torch.cuda.Stream()
-        stream = self._side_stream
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = fn()
+        graph, out = capture(fn, self.pool, self._side_stream)
         self.pool = graph.pool()
         return graph, out
 
