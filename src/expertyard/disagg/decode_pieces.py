@@ -136,6 +136,9 @@ class DecodePieces:
                 # thread_local: NCCL's watchdog thread polls its work events while this rank captures
                 piece.graph, piece.out = capture(piece.fn, self.pools.get(i), self._side_stream, "thread_local")
                 self.pools[i] = piece.graph.pool()
+                # a capture records kernels without running them: give the static outputs real values (over
+                # the scratch row) before the next piece's warm-up reads them as indices
+                piece.graph.replay()
             else:
                 piece.out = piece.fn()
         return entry
