@@ -17,9 +17,9 @@ from expertyard.layers.rotary import RotaryEmbedding
 # T = tokens in the step, H = query heads, G = KV heads, Dh = head dim, S = cache slots, L = cache length
 
 # On Hopper torch prefers the cuDNN attention backend, which builds an execution plan on the host for every
-# new shape: 8 ms per call measured on an H200 (2026-11-21, eager decode with a context length that grows every
-# step), and 0.7-1.8 s stalls of a loaded server on its first many-prompt steps. An engine's shapes change every
-# step (context length, prompts per step), so attention runs on the backends without per-shape set-up.
+# new shape: a first call took 1.0-1.1 s on an H200 (2026-11-21, benchmarks/probe_step_stalls.py), and a loaded
+# server stalled 0.7-1.8 s on its first many-prompt steps. An engine's shapes change every step (context length,
+# prompts per step), so attention runs on the backends without per-shape set-up.
 _SHAPE_FREE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
