@@ -8,6 +8,7 @@ Starts its own ranks through torchrun's launcher. Sizes are bytes per (source, d
 `--hidden`-wide activation (+ routing metadata), i.e. tokens per micro-batch. dispatch = pack on the attention
 ranks + M x N P2P + unpack on the expert ranks; combine = N x M P2P + the weighted sum on the attention ranks;
 all_to_all = `all_to_all_single` over all M + N ranks with the same per-pair bytes (the colocated exchange).
+pack and p2p split the dispatch: the packing alone, and the M x N P2P of buffers packed beforehand.
 A timing is the slowest rank's, from a barrier to the end of its part (device synchronised).
 """
 
@@ -100,6 +101,21 @@ def worker(cfg: DisaggConfig, device_type: str, sizes: list[int], hidden: int, t
                 comb.p2p([], [(r, answers[j * c:(j + 1) * c]) for j, r in enumerate(experts)]).wait()
                 combine(state["route"], answers, dtype)
 
+        packed, _ = pack_dispatch(layout, x, ids, w, *tables, len(experts), c)  # [N * (C+1), W]
+        landing = torch.empty(len(attn) * (c + 1), layout.width, dtype=dtype, device=device)
+
+        def pack_only():  # the attention ranks' packing alone (no transfer)
+            if rank in attn:
+                pack_dispatch(layout, x, ids, w, *tables, len(experts), c)
+
+        def p2p_only():  # the dispatch's transfer alone, from a buffer packed beforehand
+            if rank in attn:
+                chunks = packed.view(len(experts), c + 1, -1)
+                disp.p2p([(r, chunks[j]) for j, r in enumerate(experts)], []).wait()
+            if rank in experts:
+                chunks = landing.view(len(attn), c + 1, -1)
+                disp.p2p([], [(r, chunks[j]) for j, r in enumerate(attn)]).wait()
+
         send = torch.randn(world * (c + 1), layout.width, device=device).to(dtype)
         recv_all = torch.empty_like(send)
 
@@ -109,6 +125,8 @@ def worker(cfg: DisaggConfig, device_type: str, sizes: list[int], hidden: int, t
         pair_bytes = (c + 1) * layout.width * layout.elt
         for name, fn, pairs in (("dispatch", dispatch, len(attn) * len(experts)),
                                 ("combine", combine_back, len(attn) * len(experts)),
+                                ("pack", pack_only, len(attn) * len(experts)),
+                                ("p2p", p2p_only, len(attn) * len(experts)),
                                 ("all_to_all", all_to_all, world * (world - 1))):
             t = sorted(_timed(fn, device, groups.control, iters, warmup))
             p50, p99 = t[len(t) // 2], t[min(len(t) - 1, int(len(t) * 0.99))]
