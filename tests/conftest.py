@@ -46,6 +46,18 @@ def tiny_hf_config(name: str):
     raise KeyError(name)
 
 
+def disagg_tiny_hf_config():
+    """The distributed tests' model: a shared expert with a sigmoid gate, a dense layer between MoE layers,
+    top-3 of 8 experts."""
+    import transformers as tf
+
+    return tf.Qwen2MoeConfig(vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                             num_hidden_layers=3, max_position_embeddings=256, rms_norm_eps=1e-6,
+                             tie_word_embeddings=False, intermediate_size=96, moe_intermediate_size=32,
+                             num_experts=8, num_experts_per_tok=3, shared_expert_intermediate_size=48,
+                             mlp_only_layers=[1], architectures=["Qwen2MoeForCausalLM"])
+
+
 ARCH_CASES = ["mixtral", "mixtral_sliding", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v2_full"]
 
 

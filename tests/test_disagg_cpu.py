@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import disagg_tiny_hf_config
 
 from expertyard.disagg import jobs
 from expertyard.disagg.config import DisaggConfig
@@ -30,18 +31,7 @@ from expertyard.kernels.fused_moe import fused_moe
 MAX_TOKENS = 6
 
 
-def tiny_hf_config():
-    """Shared expert with a sigmoid gate, a dense layer between MoE layers, top-3 of 8 experts."""
-    import transformers as tf
-
-    return tf.Qwen2MoeConfig(vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                             num_hidden_layers=3, max_position_embeddings=256, rms_norm_eps=1e-6,
-                             tie_word_embeddings=False, intermediate_size=96, moe_intermediate_size=32,
-                             num_experts=8, num_experts_per_tok=3, shared_expert_intermediate_size=48,
-                             mlp_only_layers=[1], architectures=["Qwen2MoeForCausalLM"])
-
-
-TINY = ModelSource(hf_config=tiny_hf_config(), std=0.15, name="tiny")
+TINY = ModelSource(hf_config=disagg_tiny_hf_config(), std=0.15, name="tiny")
 BUNDLED = ModelSource(model_dir=bundled_model_path(), name="tiny-moe")
 SOURCES = {"tiny": TINY, "bundled": BUNDLED}
 

@@ -9,6 +9,7 @@ import functools
 
 import pytest
 import torch
+from conftest import disagg_tiny_hf_config
 
 from expertyard.disagg import jobs
 from expertyard.disagg.config import DisaggConfig
@@ -24,17 +25,7 @@ pytestmark = [pytest.mark.gpu,
 MAX_TOKENS = 8
 
 
-def _tiny():
-    import transformers as tf
-
-    return tf.Qwen2MoeConfig(vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                             num_hidden_layers=3, max_position_embeddings=256, rms_norm_eps=1e-6,
-                             tie_word_embeddings=False, intermediate_size=96, moe_intermediate_size=32,
-                             num_experts=8, num_experts_per_tok=3, shared_expert_intermediate_size=48,
-                             mlp_only_layers=[1], architectures=["Qwen2MoeForCausalLM"])
-
-
-SOURCES = {"tiny": ModelSource(hf_config=_tiny(), std=0.15, name="tiny"),
+SOURCES = {"tiny": ModelSource(hf_config=disagg_tiny_hf_config(), std=0.15, name="tiny"),
            "bundled": ModelSource(model_dir=bundled_model_path(), name="tiny-moe")}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
