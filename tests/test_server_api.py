@@ -3,6 +3,7 @@ and not), echo + logprobs for lm-eval, metrics, and a 4xx OpenAI-style error for
 
 from __future__ import annotations
 
+import json
 import math
 import socket
 import threading
@@ -329,3 +330,38 @@ def test_warmup_runs_every_step_size_and_leaves_the_engine_idle():
     # the compositions of a loaded server: every slot prefilling at once, and prompts beside running decodes
     assert (4, 0) in shapes
     assert any(p >= 1 and d >= 1 for p, d in shapes)
+
+
+@pytest.mark.parametrize("endpoint,body", [
+    ("completions", {"prompt": "Once upon a time"}),
+    ("chat/completions", {"messages": [{"role": "user", "content": "Hello"}]}),
+])
+def test_engine_error_mid_stream_reaches_the_client_and_the_server_goes_on(endpoint, body):
+    engine = make_engine()
+    s = RunningServer(engine)
+    step, calls = engine.step, {"n": 0}
+
+    def failing_step():
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("simulated device fault")
+        return step()
+
+    engine.step = failing_step
+    try:
+        events = []
+        with httpx.stream("POST", f"{s.url}/v1/{endpoint}", headers={"Authorization": f"Bearer {KEY}"}, timeout=30,
+                          json={"model": "tiny-moe", "max_tokens": 32, "temperature": 0, "stream": True,
+                                "stream_options": {"include_usage": True}, **body}) as r:
+            assert r.status_code == 200
+            events = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        payloads = [json.loads(e) for e in events[:-1]]
+        assert any(p.get("choices") for p in payloads[:-1])  # text streamed before the fault
+        assert "simulated device fault" in payloads[-1]["error"]["message"]  # the fault, not a usage chunk
+        assert not any("usage" in p for p in payloads)
+        assert s.idle()
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key=KEY, max_retries=0)  # the server keeps serving
+        assert c.completions.create(model="tiny-moe", prompt="Hi", max_tokens=4, temperature=0).usage.completion_tokens == 4
+    finally:
+        s.stop()

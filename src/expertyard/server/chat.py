@@ -6,8 +6,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from expertyard.server.protocol import APIError, ChatCompletionRequest
-from expertyard.server.serving import (EngineStream, Generation, ServerState, TextDelta, sampling_params, sse,
-                                       usage)
+from expertyard.server.serving import (EngineStream, Generation, ServerState, StreamTally, sampling_params, sse,
+                                       usage, visible_updates)
 
 
 async def create_chat_completion(req: ChatCompletionRequest, state: ServerState, request: Request):
@@ -34,8 +34,7 @@ async def create_chat_completion(req: ChatCompletionRequest, state: ServerState,
 
 
 async def _stream(req: ChatCompletionRequest, state: ServerState, gen: Generation, prompt_tokens: int):
-    deltas = [TextDelta(req.stop) for _ in gen.streams]
-    completion_tokens = 0
+    tally = StreamTally()
 
     def chunk(choices, usage_=None):
         return sse({"id": f"chatcmpl-{gen.id}", "object": "chat.completion.chunk", "created": gen.created,
@@ -44,23 +43,17 @@ async def _stream(req: ChatCompletionRequest, state: ServerState, gen: Generatio
     try:
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None} for i in range(len(gen.streams))])
-        async for u in gen.updates():
-            if u.error:
-                yield sse(APIError(u.error, status=500).body())
-                break
-            completion_tokens += len(u.token_ids)
-            text = deltas[u.index].next(u.text, u.finish_reason is not None)
-            if not (text or u.finish_reason or (u.token_ids and (req.return_token_ids or req.logprobs))):
-                continue
+        async for u, text in visible_updates(gen, req.stop, bool(req.return_token_ids or req.logprobs), tally):
             choice = {"index": u.index, "delta": {"content": text} if text else {},
                       "logprobs": _logprobs(state, u.logprobs) if req.logprobs else None,
                       "finish_reason": u.finish_reason}
             if req.return_token_ids:
                 choice["token_ids"] = u.token_ids
             yield chunk([choice])
-        else:
-            if req.include_usage:
-                yield chunk([], usage(prompt_tokens, completion_tokens))
+        if tally.error:
+            yield sse(APIError(tally.error, status=500).body())
+        elif req.include_usage:
+            yield chunk([], usage(prompt_tokens, tally.completion_tokens))
         yield "data: [DONE]\n\n"
     finally:
         state.engine.abort(gen.streams)

@@ -7,8 +7,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from expertyard.server.protocol import APIError, CompletionRequest
-from expertyard.server.serving import (EngineStream, Generation, ServerState, TextDelta, sampling_params, sse,
-                                       usage)
+from expertyard.server.serving import (EngineStream, Generation, ServerState, StreamTally, sampling_params, sse,
+                                       usage, visible_updates)
 
 
 async def create_completion(req: CompletionRequest, state: ServerState, request: Request):
@@ -54,23 +54,16 @@ async def create_completion(req: CompletionRequest, state: ServerState, request:
 
 
 async def _stream(req: CompletionRequest, state: ServerState, gen: Generation):
-    deltas = [TextDelta(req.stop) for _ in gen.streams]
     offsets = [0] * len(gen.streams)
-    completion_tokens = 0
+    tally = StreamTally()
 
     def chunk(choices, usage_=None):
         return sse({"id": f"cmpl-{gen.id}", "object": "text_completion", "created": gen.created,
                     "model": state.model_name, "choices": choices, **({"usage": usage_} if usage_ else {})})
 
     try:
-        async for u in gen.updates():
-            if u.error:
-                yield sse(APIError(u.error, status=500).body())
-                break
-            completion_tokens += len(u.token_ids)
-            text = deltas[u.index].next(u.text, u.finish_reason is not None)
-            if not (text or u.finish_reason or (u.token_ids and (req.return_token_ids or req.logprobs is not None))):
-                continue
+        wants_tokens = bool(req.return_token_ids or req.logprobs is not None)
+        async for u, text in visible_updates(gen, req.stop, wants_tokens, tally):
             lp = None
             if req.logprobs is not None:
                 lp = _logprobs(state, u.logprobs, offsets[u.index])
@@ -79,10 +72,11 @@ async def _stream(req: CompletionRequest, state: ServerState, gen: Generation):
             if req.return_token_ids:
                 choice["token_ids"] = u.token_ids
             yield chunk([choice])
-        else:
-            if req.include_usage:
-                prompt_tokens = sum(s.seq.num_prompt_tokens for s in gen.streams[::req.n])
-                yield chunk([], usage(prompt_tokens, completion_tokens))
+        if tally.error:
+            yield sse(APIError(tally.error, status=500).body())
+        elif req.include_usage:
+            prompt_tokens = sum(s.seq.num_prompt_tokens for s in gen.streams[::req.n])
+            yield chunk([], usage(prompt_tokens, tally.completion_tokens))
         yield "data: [DONE]\n\n"
     finally:
         state.engine.abort(gen.streams)

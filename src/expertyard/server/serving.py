@@ -204,6 +204,28 @@ class TextDelta:
         return delta
 
 
+class StreamTally:
+    """What a finished stream reports after its chunks: output tokens counted, or the engine's error."""
+
+    def __init__(self):
+        self.completion_tokens = 0
+        self.error: str | None = None
+
+
+async def visible_updates(gen: Generation, stops: list[str], wants_tokens: bool, tally: StreamTally):
+    """(update, text delta) for every update a stream must show: new text, a finish, or new tokens when the
+    client asked for token ids or logprobs. Stops early on an engine error (left in `tally.error`)."""
+    deltas = [TextDelta(stops) for _ in gen.streams]
+    async for u in gen.updates():
+        if u.error:
+            tally.error = u.error
+            return
+        tally.completion_tokens += len(u.token_ids)
+        text = deltas[u.index].next(u.text, u.finish_reason is not None)
+        if text or u.finish_reason or (u.token_ids and wants_tokens):
+            yield u, text
+
+
 class EngineStream(StreamingResponse):
     """An SSE response that aborts its request's sequences however it ends: also when the client left before
     the body generator ever started (then its own `finally` never runs)."""
