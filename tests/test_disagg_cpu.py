@@ -335,3 +335,18 @@ def _spawned_children(pid: int) -> list[int]:
         if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"spawn_main" in cmd:
             found.append(int(d.name))
     return sorted(found)
+
+
+def test_step_profiler_prints_the_window_it_was_given(monkeypatch, capsys):
+    from expertyard.disagg.step_profiler import StepProfiler
+
+    monkeypatch.setenv("EXPERTYARD_PROFILE_STEPS", "2:4")
+    prof = StepProfiler(3, "expert")
+    for _ in range(5):
+        prof.step()
+        torch.ones(64, 64) @ torch.ones(64, 64)
+    err = capsys.readouterr().err
+    assert err.count("== rank 3 (expert): steps 2..3, by host time") == 1 and "aten::mm" in err
+    monkeypatch.setenv("EXPERTYARD_PROFILE_STEPS", "forty")
+    with pytest.raises(ValueError, match="EXPERTYARD_PROFILE_STEPS='forty'"):
+        StepProfiler(0, "attention")
