@@ -9,7 +9,9 @@ Starts its own ranks through torchrun's launcher. Sizes are bytes per (source, d
 ranks + M x N P2P + unpack on the expert ranks; combine = N x M P2P + the weighted sum on the attention ranks;
 all_to_all = `all_to_all_single` over all M + N ranks with the same per-pair bytes (the colocated exchange).
 pack and p2p split the dispatch: the packing alone, and the M x N P2P of buffers packed beforehand.
-A timing is the slowest rank's, from a barrier to the end of its part (device synchronised).
+A timing is the slowest rank's, from a barrier to the end of its part (device synchronised): p50/p99 of single
+calls, and `loop us`, the cost per call of `--inner` back-to-back calls (what a layer loop pays; it also
+amortises the barrier's skew between ranks).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def _timed(fn, device, ctrl, iters: int, warmup: int) -> list[float]:
 
 
 def worker(cfg: DisaggConfig, device_type: str, sizes: list[int], hidden: int, top_k: int, num_experts: int,
-           iters: int, warmup: int) -> list[dict] | None:
+           iters: int, warmup: int, inner: int) -> list[dict] | None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if device_type == "cuda" else torch.device("cpu")
     from expertyard.disagg.groups import init_distributed
@@ -130,8 +132,15 @@ def worker(cfg: DisaggConfig, device_type: str, sizes: list[int], hidden: int, t
                                 ("all_to_all", all_to_all, world * (world - 1))):
             t = sorted(_timed(fn, device, groups.control, iters, warmup))
             p50, p99 = t[len(t) // 2], t[min(len(t) - 1, int(len(t) * 0.99))]
+
+            def loop(fn=fn):
+                for _ in range(inner):
+                    fn()
+
+            lt = sorted(_timed(loop, device, groups.control, max(3, iters // inner), 1))
             rows_out.append({"op": name, "bytes_per_pair": pair_bytes, "tokens": c, "p50_us": 1e6 * p50,
-                             "p99_us": 1e6 * p99, "GBps": pairs * pair_bytes / p50 / 1e9})
+                             "p99_us": 1e6 * p99, "loop_us": 1e6 * lt[len(lt) // 2] / inner,
+                             "GBps": pairs * pair_bytes / p50 / 1e9})
     dist.destroy_process_group()
     return rows_out if rank == 0 else None
 
@@ -147,6 +156,7 @@ def main() -> int:
     p.add_argument("--num-experts", type=int, default=128)
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--inner", type=int, default=10, help="back-to-back calls per sample of the loop_us column")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     from expertyard.disagg.launch import _free_port
@@ -157,16 +167,17 @@ def main() -> int:
     launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=cfg.world_size, rdzv_backend="c10d",
                           rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0, run_id="bench-m2n")
     rows = elastic_launch(launch, worker)(cfg, args.device, sizes, args.hidden, args.top_k, args.num_experts,
-                                          args.iters, args.warmup)[0]
+                                          args.iters, args.warmup, args.inner)[0]
     result = {"attention_ranks": cfg.attention_ranks, "expert_ranks": cfg.expert_ranks, "device": args.device,
               "hidden": args.hidden, "top_k": args.top_k, "rows": rows}
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
     print(f"M2N: {cfg.attention_ranks} attention x {cfg.expert_ranks} expert ranks on {args.device}; "
           f"all_to_all over all {cfg.world_size} ranks")
-    print(f"{'op':>10} {'KiB/pair':>9} {'p50 us':>9} {'p99 us':>9} {'GB/s':>8}")
+    print(f"{'op':>10} {'KiB/pair':>9} {'p50 us':>9} {'p99 us':>9} {'loop us':>9} {'GB/s':>8}")
     for r in rows:
-        print(f"{r['op']:>10} {r['bytes_per_pair'] / 1024:9.1f} {r['p50_us']:9.1f} {r['p99_us']:9.1f} {r['GBps']:8.2f}")
+        print(f"{r['op']:>10} {r['bytes_per_pair'] / 1024:9.1f} {r['p50_us']:9.1f} {r['p99_us']:9.1f} "
+              f"{r['loop_us']:9.1f} {r['GBps']:8.2f}")
     return 0
 
 
