@@ -151,6 +151,28 @@ def test_decode_pieces_match_single_process(source_name, cfg, replicate, ms):
         _assert_matches(results[m], ref)
 
 
+def _warm_then_greedy(engine, prompts, max_tokens):
+    """Rank 0's job: the server's warm-up on the distributed engine, then greedy generation."""
+    from expertyard.server.warmup import warm_up
+
+    warm_up(engine)
+    assert not engine.has_unfinished()
+    keys = sorted(engine.runner.attention.pieces.entries)  # (micro-batch, capacity, length bucket)
+    return {"pieces": keys, **jobs.greedy(engine, prompts, max_tokens)}
+
+
+def test_server_warm_up_on_a_deployment_builds_the_decode_pieces_and_changes_no_output():
+    prompts, ref = _reference("tiny")
+    settings = EngineSettings(max_num_seqs=4, max_model_len=64, decode_graphs=True)
+    job = functools.partial(_warm_then_greedy, prompts=prompts, max_tokens=MAX_TOKENS)
+    got = launch_local(DisaggConfig(attention_ranks=2, expert_ranks=2, micro_batches=2), TINY, settings, "cpu",
+                       torch.float32, job, torch_threads=1)
+    keys = got.pop("pieces")
+    assert {i for i, _, _ in keys} == {0, 1}  # both micro-batches
+    assert len({lb for _, _, lb in keys}) >= 3  # the warm-up decodes at short and long contexts
+    _assert_matches(got, ref)
+
+
 def test_padding_rows_are_never_dispatched():
     layout, placement = RowLayout(8, 2, torch.float32), ExpertPlacement.balanced([0], 4, 2)
     x, ids, w = torch.randn(6, 8), torch.tensor([[0, 1], [2, 3]] * 3), torch.rand(6, 2)

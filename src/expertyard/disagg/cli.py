@@ -92,9 +92,10 @@ def serve_job(engine, args) -> int:
     """Rank 0: the OpenAI-compatible server around the distributed engine (returns when it stops)."""
     import uvicorn
 
-    from expertyard.entrypoints.serve_cmd import served_name
+    from expertyard.entrypoints.serve_cmd import served_name, warm_up_if_asked
     from expertyard.server import build_app
 
+    warm_up_if_asked(engine, args)  # on GPUs this also captures the attention ranks' decode graphs
     app = build_app(engine, served_name(args), api_key=args.api_key or None, max_body_bytes=args.max_request_bytes)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout, access_log=args.log_level == "debug")

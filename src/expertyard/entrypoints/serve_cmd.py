@@ -46,6 +46,17 @@ def served_name(args) -> str:
     return args.model.resolve().name if args.model else "tiny-moe"
 
 
+def warm_up_if_asked(engine, args) -> None:
+    """`--warmup on`, or `auto` on a GPU: run the step shapes and compositions a loaded server meets before it
+    listens (server/warmup.py)."""
+    if args.warmup == "on" or (args.warmup == "auto" and engine.device.type == "cuda"):
+        from expertyard.server.warmup import warm_up
+
+        print(f"expertyard serve: warm-up took {warm_up(engine):.1f} s", file=sys.stderr, flush=True)
+        if hasattr(engine.model.experts, "reset_stats") and getattr(engine.model.experts, "state", None):
+            engine.model.experts.reset_stats()  # the expert cache metrics start at the first request
+
+
 def run(args) -> int:
     try:
         import uvicorn
@@ -63,12 +74,7 @@ def run(args) -> int:
 
         return serve(args)
     engine = engine_from_args(args, max_num_batched_tokens=args.max_num_batched_tokens)
-    if args.warmup == "on" or (args.warmup == "auto" and engine.device.type == "cuda"):
-        from expertyard.server.warmup import warm_up
-
-        print(f"expertyard serve: warm-up took {warm_up(engine):.1f} s", file=sys.stderr, flush=True)
-        if hasattr(engine.model.experts, "reset_stats") and getattr(engine.model.experts, "state", None):
-            engine.model.experts.reset_stats()  # the expert cache metrics start at the first request
+    warm_up_if_asked(engine, args)
     app = build_app(engine, served_name(args), api_key=args.api_key or None, max_body_bytes=args.max_request_bytes)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout, access_log=args.log_level == "debug")
