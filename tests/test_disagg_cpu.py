@@ -359,16 +359,26 @@ def _spawned_children(pid: int) -> list[int]:
     return sorted(found)
 
 
-def test_step_profiler_prints_the_window_it_was_given(monkeypatch, capsys):
+def test_step_profiler_prints_and_traces_each_window(monkeypatch, capsys, tmp_path):
+    import gzip
+    import json
+
     from expertyard.disagg.step_profiler import StepProfiler
 
-    monkeypatch.setenv("EXPERTYARD_PROFILE_STEPS", "2:4")
+    monkeypatch.setenv("EXPERTYARD_PROFILE_STEPS", "2:4,6:7")
+    monkeypatch.setenv("EXPERTYARD_PROFILE_DIR", str(tmp_path))
     prof = StepProfiler(3, "expert")
-    for _ in range(5):
+    for _ in range(8):
         prof.step()
-        torch.ones(64, 64) @ torch.ones(64, 64)
+        with torch.profiler.record_function("expertyard.test"):
+            torch.ones(64, 64) @ torch.ones(64, 64)
     err = capsys.readouterr().err
     assert err.count("== rank 3 (expert): steps 2..3, by host time") == 1 and "aten::mm" in err
-    monkeypatch.setenv("EXPERTYARD_PROFILE_STEPS", "forty")
-    with pytest.raises(ValueError, match="EXPERTYARD_PROFILE_STEPS='forty'"):
-        StepProfiler(0, "attention")
+    assert err.count("== rank 3 (expert): steps 6..6, by host time") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank3_steps2-3.json.gz", "rank3_steps6-6.json.gz"]
+    events = json.loads(gzip.open(tmp_path / "rank3_steps2-3.json.gz").read())["traceEvents"]
+    assert sum(e.get("name") == "expertyard.test" for e in events) == 2  # steps 2 and 3, not 1 or 4
+    for bad in ("forty", "5:3"):
+        monkeypatch.setenv("EXPERTYARD_PROFILE_STEPS", bad)
+        with pytest.raises(ValueError, match=f"EXPERTYARD_PROFILE_STEPS='{bad}'"):
+            StepProfiler(0, "attention")

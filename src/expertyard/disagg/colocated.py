@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
+from expertyard.disagg.expert_compute import ExpertCompute
 from expertyard.disagg.expert_shard import ExpertShard
-from expertyard.disagg.m2n import DispatchRoute, RowLayout, combine, pack_dispatch, unpack_dispatch
+from expertyard.disagg.m2n import DispatchRoute, RowLayout, combine, pack_dispatch
 from expertyard.disagg.placement import ExpertPlacement
 from expertyard.disagg.transport import Exchanger, Pending
 from expertyard.experts.backend import ExpertBackend
@@ -30,6 +31,8 @@ class ColocatedExperts(ExpertBackend):
     def __init__(self, shard: ExpertShard, placement: ExpertPlacement, layout: RowLayout, world: int,
                  dispatch: Exchanger, combine_ex: Exchanger, device: torch.device):
         self.shard, self.layout, self.world = shard, layout, world
+        self.experts = ExpertCompute(shard, layout, world, device)
+        self._last_combine: dict[int, Pending] = {}  # micro-batch -> its combine in flight (static answers)
         self.dispatch, self.combine_ex = dispatch, combine_ex
         self.tables = {layer: placement.tables(layer, device) for layer in placement.holders}
         self.capacity = 0  # set per step by the driver
@@ -44,15 +47,20 @@ class ColocatedExperts(ExpertBackend):
         answers = torch.empty(w * c, d, dtype=x.dtype, device=x.device)
         return InFlight(route, answers, self.communicate(layer, send, answers))
 
-    def communicate(self, layer: int, send: torch.Tensor, answers: torch.Tensor) -> list[Pending]:
+    def communicate(self, layer: int, send: torch.Tensor, answers: torch.Tensor, slot: int | None = None) -> list[Pending]:
         """Dispatch send [W * (C+1), Wd] to all, compute the local experts on what arrived, and combine their
-        answers into `answers` [W * C, D] (the last transfer is left in flight)."""
-        w, c = self.world, self.capacity
-        recv = torch.empty_like(send)
+        answers into `answers` [W * C, D] (the last transfer is left in flight). `slot`: the micro-batch of a
+        decode step, whose expert work is replayed from CUDA graphs over static buffers (expert_compute.py)."""
+        c = self.capacity
+        recv = self.experts.receive_buffer(c, slot)  # [W * (C+1), Wd]
         self.dispatch.all_to_all(recv, send).wait()
-        got = unpack_dispatch(self.layout, recv, w, c)
-        y = self.shard.compute(layer, got.x, got.local_ids, got.weights)  # [W * C, D]
-        return [self.combine_ex.all_to_all(answers, y)]
+        if slot is not None and slot in self._last_combine:
+            self._last_combine[slot].wait()  # the static answers of the previous layer are still being sent
+        y = self.experts.compute(layer, recv, c, slot)  # [W * C, D]
+        sent = self.combine_ex.all_to_all(answers, y)
+        if slot is not None:
+            self._last_combine[slot] = sent
+        return [sent]
 
     def finish(self, flight: InFlight) -> torch.Tensor:
         for p in flight.pending:

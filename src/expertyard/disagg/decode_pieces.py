@@ -83,7 +83,7 @@ class DecodePieces:
                 piece = entry.pieces[k]
                 piece.replay()
                 if piece.moe_layer is not None:
-                    flights[i] = self.exchange.communicate(piece.moe_layer, piece.out["buf"], entry.answers[k])
+                    flights[i] = self.exchange.communicate(piece.moe_layer, piece.out["buf"], entry.answers[k], slot=i)
         return torch.cat([e.pieces[-1].out["hidden"].index_select(0, r) for e, r in zip(entries, rows)])
 
     def _load(self, entry: _Entry, plan: MicroBatchPlan) -> torch.Tensor:

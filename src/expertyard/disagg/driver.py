@@ -15,6 +15,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from expertyard.disagg.config import DisaggConfig
 from expertyard.disagg.decode_pieces import DecodePieces
@@ -106,16 +107,20 @@ class DistributedRunner:
     def run(self, step: ScheduledStep, all_logits: bool = False) -> torch.Tensor:
         """Logits [N, V] float32 in step order (see ModelRunner.run)."""
         self._profiler.step()
-        header, order = plan_step(step, self.cfg, self.max_num_seqs, all_logits, self.micro_batches,
-                                  graphs=self.attention.pieces is not None)
-        counts = [sum(len(mb.out_rows) for mb in plans) for plans in header.plans]
-        offsets = [sum(counts[:r]) for r in range(len(counts))]
-        index = long_tensor([offsets[r] + j for r, j in order], self.attention.device)  # [N]
+        with record_function("expertyard.plan"):
+            header, order = plan_step(step, self.cfg, self.max_num_seqs, all_logits, self.micro_batches,
+                                      graphs=self.attention.pieces is not None)
+            counts = [sum(len(mb.out_rows) for mb in plans) for plans in header.plans]
+            offsets = [sum(counts[:r]) for r in range(len(counts))]
+            index = long_tensor([offsets[r] + j for r, j in order], self.attention.device)  # [N]
         with self._lock:
-            self._broadcast(header)
+            with record_function("expertyard.broadcast"):
+                self._broadcast(header)
             try:
-                own = self.attention.run(header)  # [n_0, D]
-                hidden = self._gather(counts, own).index_select(0, index)  # [N, D]
+                with record_function("expertyard.layers"):
+                    own = self.attention.run(header)  # [n_0, D]
+                with record_function("expertyard.gather"):
+                    hidden = self._gather(counts, own).index_select(0, index)  # [N, D]
             except DeploymentDownError as e:
                 self.down_reason = str(e)
                 raise
@@ -142,13 +147,15 @@ def follow(groups: Groups, attention: AttentionRank | None, expert_worker) -> No
     """The loop of every rank but 0: run each step's share until rank 0 says stop."""
     profiler = StepProfiler(dist.get_rank(), "attention" if attention is not None else "expert")
     while True:
-        header = broadcast_header(None, groups)
+        with record_function("expertyard.header_wait"):
+            header = broadcast_header(None, groups)
         if header.command == "stop":
             return
         if header.command != "step":
             continue
         profiler.step()
-        if attention is not None:
-            attention.follow(header)
-        else:
-            expert_worker.run_step(header.capacity, header.micro_batches)
+        with record_function("expertyard.layers"):
+            if attention is not None:
+                attention.follow(header)
+            else:
+                expert_worker.run_step(header.capacity, header.micro_batches, header.graphs)

@@ -46,8 +46,9 @@ class RemoteExperts(ExpertBackend):
         answers = torch.empty(n * c, self.layout.hidden, dtype=x.dtype, device=x.device)  # [N * C, D]
         return InFlight(route, answers, self.communicate(layer, buf, answers))
 
-    def communicate(self, layer: int, buf: torch.Tensor, answers: torch.Tensor) -> list[Pending]:
-        """The exchange of one packed micro-batch: buf [N * (C+1), W] out, the answers [N * C, D] back."""
+    def communicate(self, layer: int, buf: torch.Tensor, answers: torch.Tensor, slot: int | None = None) -> list[Pending]:
+        """The exchange of one packed micro-batch: buf [N * (C+1), W] out, the answers [N * C, D] back (`slot`,
+        the micro-batch of a graph-replayed decode step, matters to the expert ranks only)."""
         n, c = self.destinations, self.capacity
         chunks = buf.view(n, c + 1, -1)
         sent = self.dispatch.p2p([(r, chunks[j]) for j, r in enumerate(self.expert_ranks)], [])
