@@ -158,11 +158,14 @@ def bench_job(engine, batch_sizes: list[int], prompt_len: int, decode_tokens: in
     return {b: decode_throughput(engine, b, prompt_len, decode_tokens, ms, seed) for b in batch_sizes}
 
 
+PREFILL_TOKENS_PER_STEP = 16384  # the benchmark's prefill runs in chunks: buffers and activations stay bounded
+
+
 def bench(args, batch_sizes: list[int]) -> dict:
     ms = micro_batch_list(args)
     cfg = disagg_config(args)
     settings = EngineSettings(max_num_seqs=max(batch_sizes), max_model_len=args.prompt_len + args.decode_tokens + 1,
-                              max_num_batched_tokens=max(batch_sizes) * args.prompt_len,
+                              max_num_batched_tokens=min(max(batch_sizes) * args.prompt_len, PREFILL_TOKENS_PER_STEP),
                               replicate=parse_replicate(args.replicate_experts), decode_graphs=decode_graphs(args))
     job = functools.partial(bench_job, batch_sizes=batch_sizes, prompt_len=args.prompt_len,
                             decode_tokens=args.decode_tokens, ms=ms, seed=args.seed)

@@ -32,7 +32,8 @@ def greedy_each_m(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, 
 def decode_throughput(engine: LLMEngine, batch: int, prompt_len: int, decode_tokens: int, ms: list[int],
                       seed: int = 0) -> dict[int, dict]:
     """Per m: decode tokens/s and time per output token at a fixed batch (greedy, EOS ignored), after one
-    warm-up pass."""
+    warm-up pass. Timing starts once every prompt is prefilled (in as many steps as the token budget needs);
+    tokens/s counts the tokens generated from there on."""
     gen = torch.Generator().manual_seed(seed)
     prompts = torch.randint(0, engine.model_config.vocab_size, (batch, prompt_len), generator=gen).tolist()
     params = SamplingParams(temperature=0, max_tokens=decode_tokens, ignore_eos=True)
@@ -41,8 +42,10 @@ def decode_throughput(engine: LLMEngine, batch: int, prompt_len: int, decode_tok
         engine.runner.micro_batches = m
         for timed in (False, True):
             seqs = [engine.add_request(p, params) for p in prompts]
-            engine.step()  # prefill (one step: the token budget holds every prompt)
+            while any(not s.output_token_ids for s in seqs):
+                engine.step()  # prefill
             _sync(engine)
+            before = sum(len(s.output_token_ids) for s in seqs)
             t0 = time.perf_counter()
             steps = 0
             while engine.has_unfinished():
@@ -51,7 +54,8 @@ def decode_throughput(engine: LLMEngine, batch: int, prompt_len: int, decode_tok
             _sync(engine)
             dt = time.perf_counter() - t0
             assert all(len(s.output_token_ids) == decode_tokens for s in seqs)
-        out[m] = {"decode_tokens_per_s": batch * steps / dt, "tpot_ms": 1e3 * dt / steps, "steps": steps}
+        generated = batch * decode_tokens - before
+        out[m] = {"decode_tokens_per_s": generated / dt, "tpot_ms": 1e3 * dt / steps, "steps": steps}
     return out
 
 
