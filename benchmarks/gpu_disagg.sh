@@ -2,10 +2,12 @@
 # Disaggregated expert parallelism (issue 6) in one device run, on 4 GPUs (docs/disaggregation.md):
 #   OUT=/tmp/out bash benchmarks/gpu_disagg.sh               (4 GPUs, NCCL, bf16; about 8 minutes)
 #   DEVICE=cpu OUT=/tmp/out bash benchmarks/gpu_disagg.sh    (the same steps at tiny sizes on CPU with gloo)
-#   STEPS=c OUT=/tmp/out bash benchmarks/gpu_disagg.sh       (only some of the steps below: any of a, b, c)
+#   STEPS=c OUT=/tmp/out bash benchmarks/gpu_disagg.sh       (only some of the steps below: any of a, b, c, d)
 # (a) the NCCL correctness matrix, (b) M2N dispatch/combine vs all_to_all_single, (c) decode per GPU:
 # ping-pong m=1..4 (2+2 and 3+1 ranks) vs colocated EP (m=1,2) on the same 4 GPUs, all with decode graphs on CUDA,
-# and 2+2 m=1 with --eager-decode for reference.
+# and 2+2 m=1 with --eager-decode for reference; (d) the same comparison at a large batch of a model with few,
+# big experts (Mixtral-8x7B shapes, batch 2048): enough tokens per expert that expert time grows with the
+# micro-batch, the regime ping-pong is built for.
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1 TORCHELASTIC_ERROR_FILE= LOGLEVEL=WARNING
 OUT=${OUT:-/tmp/expertyard-gpu}
@@ -21,11 +23,13 @@ if [ "$DEVICE" = cuda ]; then
   MODEL=(--synthetic qwen3-30b-a3b --num-layers 8 --dtype bfloat16)
   SHAPE=(--batch-sizes 256 --prompt-len 32 --decode-tokens 64)
   SIZES=4KB,16KB,64KB,256KB,1MB,4MB,8MB
+  BIG=(--synthetic mixtral-8x7b --num-layers 8 --dtype bfloat16 --batch-sizes 2048 --prompt-len 256 --decode-tokens 32)
 else
   TESTS=(tests/test_disagg_cpu.py -k "tiny-disaggregated-2x2 or tiny-colocated-2x2")
   MODEL=()   # the bundled model
   SHAPE=(--batch-sizes 8 --prompt-len 8 --decode-tokens 8)
   SIZES=4KB,64KB
+  BIG=(--batch-sizes 16 --prompt-len 8 --decode-tokens 4)
 fi
 
 if [[ $STEPS == *a* ]]; then
@@ -38,28 +42,22 @@ echo "== (b) M2N micro-benchmark (2 attention x 2 expert ranks)" | tee -a "$LOG"
 timeout 120 python3 benchmarks/bench_m2n.py --attention-ranks 2 --expert-ranks 2 --device "$DEVICE" --sizes "$SIZES" \
   --out "$OUT/m2n.json" 2>&1 | quiet | tee -a "$LOG"
 fi
-[[ $STEPS == *c* ]] || exit 0
-
-echo "== (c) decode on 4 ranks" | tee -a "$LOG"
 bench() {  # name, then flags
   local name=$1; shift
-  timeout 150 python3 -m expertyard.entrypoints.cli bench --disaggregate --device "$DEVICE" "${MODEL[@]}" "${SHAPE[@]}" --dist-timeout 120 "$@" \
+  timeout 200 python3 -m expertyard.entrypoints.cli bench --disaggregate --device "$DEVICE" --dist-timeout 120 "$@" \
     --out "$OUT/$name.json" 2>&1 | quiet | tee -a "$LOG"
 }
-bench pingpong_2x2 --mode disaggregated --attention-ranks 2 --expert-ranks 2 --micro-batches 1,2,3,4
-bench pingpong_3x1 --mode disaggregated --attention-ranks 3 --expert-ranks 1 --micro-batches 1,2,3,4
-bench colocated_4 --mode colocated --attention-ranks 2 --expert-ranks 2 --micro-batches 1,2
-bench eager_2x2 --mode disaggregated --attention-ranks 2 --expert-ranks 2 --micro-batches 1 --eager-decode
-
-python3 - "$OUT" <<'PY' | tee -a "$LOG"
+table() {  # prefix of the runs' names
+python3 - "$OUT" "$1" <<'PY' | tee -a "$LOG"
 import json, sys
 from pathlib import Path
-out = Path(sys.argv[1])
+out, p = Path(sys.argv[1]), sys.argv[2]
 runs = {}
 for name in ("pingpong_2x2", "pingpong_3x1", "colocated_4", "eager_2x2"):
+    name = p + name
     f = out / f"{name}.json"
     if f.exists():
-        runs[name] = json.loads(f.read_text())
+        runs[name.removeprefix(p)] = json.loads(f.read_text())
 if "colocated_4" not in runs:
     sys.exit("no colocated result: see log.txt")
 best = max(runs["colocated_4"]["runs"], key=lambda r: r["per_gpu_tokens_per_s"])  # colocated at its best m
@@ -76,7 +74,7 @@ if "eager_2x2" in runs:
           f"{r['per_gpu_tokens_per_s'] / co:12.2f} {'':>6}")
 for name in ("pingpong_2x2", "pingpong_3x1"):
     if name not in runs:
-        print(f"{name:>14}  (failed: see log.txt)")
+        print(f"{name:>14}  (not run, or failed: see log.txt)")
         continue
     base = next(r for r in runs[name]["runs"] if r["micro_batches"] == 1)["per_gpu_tokens_per_s"]
     for r in runs[name]["runs"]:
@@ -84,3 +82,21 @@ for name in ("pingpong_2x2", "pingpong_3x1"):
               f"{r['per_gpu_tokens_per_s'] / co:12.2f} {r['per_gpu_tokens_per_s'] / base:6.2f}")
 print("target: ping-pong >= 1.3x colocated and >= 1.5x m=1")
 PY
+}
+
+if [[ $STEPS == *c* ]]; then
+echo "== (c) decode on 4 ranks" | tee -a "$LOG"
+S=("${MODEL[@]}" "${SHAPE[@]}")
+bench pingpong_2x2 "${S[@]}" --mode disaggregated --attention-ranks 2 --expert-ranks 2 --micro-batches 1,2,3,4
+bench pingpong_3x1 "${S[@]}" --mode disaggregated --attention-ranks 3 --expert-ranks 1 --micro-batches 1,2,3,4
+bench colocated_4 "${S[@]}" --mode colocated --attention-ranks 2 --expert-ranks 2 --micro-batches 1,2
+bench eager_2x2 "${S[@]}" --mode disaggregated --attention-ranks 2 --expert-ranks 2 --micro-batches 1 --eager-decode
+table ""
+fi
+
+if [[ $STEPS == *d* ]]; then
+echo "== (d) decode on 4 ranks, large batch, few big experts" | tee -a "$LOG"
+bench big_pingpong_2x2 "${BIG[@]}" --mode disaggregated --attention-ranks 2 --expert-ranks 2 --micro-batches 1,2,3
+bench big_colocated_4 "${BIG[@]}" --mode colocated --attention-ranks 2 --expert-ranks 2 --micro-batches 1,2
+table big_
+fi
