@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from expertyard.config import AttentionConfig
+from expertyard.kernels.decode_attention import decode_attention, kernel_supports
 from expertyard.layers.attention_metadata import AttentionMetadata, PrefillSpan, sliding_mask
 from expertyard.layers.norm import RMSNorm
 from expertyard.layers.rotary import RotaryEmbedding
@@ -79,19 +80,30 @@ def _attend(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: 
     elif meta.prefills:
         _prefill_padded(q, k_cache, v_cache, meta.prefills, scale, window, out)
     if meta.num_decode_tokens:
-        n0, lmax = meta.num_prefill_tokens, meta.decode_max_len
-        qd = q[n0:].unsqueeze(2)  # [B, H, 1, Dk]
-        kd = k_cache[meta.decode_slots, :lmax].transpose(1, 2)  # [B, G, Lmax, Dk]
-        vd = v_cache[meta.decode_slots, :lmax].transpose(1, 2)  # [B, G, Lmax, Dv]
-        k_pos = torch.arange(lmax, device=q.device)
-        lens = meta.decode_context_lens[:, None]  # [B, 1]
-        mask = k_pos[None, :] < lens  # [B, Lmax]
-        if window is not None:
-            mask &= k_pos[None, :] >= lens - window
-        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask[:, None, None, :], scale=scale,
-                                           enable_gqa=True)  # [B, H, 1, Dv]
-        out[n0:] = o.squeeze(2)
+        n0 = meta.num_prefill_tokens
+        if kernel_supports(q, k_cache, v_cache):  # CUDA: the Triton kernel reads the cache in place
+            decode_attention(q[n0:], k_cache, v_cache, meta.decode_slots, meta.decode_context_lens, scale, window,
+                             out=out[n0:])
+        else:
+            _decode_sdpa(q[n0:], k_cache, v_cache, meta, scale, window, out[n0:])
     return out
+
+
+def _decode_sdpa(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None,
+                 out: torch.Tensor) -> None:
+    """Decode tokens q [B, H, Dk] by SDPA over a gathered copy of the first decode_max_len cache positions."""
+    lmax = meta.decode_max_len
+    qd = q.unsqueeze(2)  # [B, H, 1, Dk]
+    kd = k_cache[meta.decode_slots, :lmax].transpose(1, 2)  # [B, G, Lmax, Dk]
+    vd = v_cache[meta.decode_slots, :lmax].transpose(1, 2)  # [B, G, Lmax, Dv]
+    k_pos = torch.arange(lmax, device=q.device)
+    lens = meta.decode_context_lens[:, None]  # [B, 1]
+    mask = k_pos[None, :] < lens  # [B, Lmax]
+    if window is not None:
+        mask &= k_pos[None, :] >= lens - window
+    o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask[:, None, None, :], scale=scale,
+                                       enable_gqa=True)  # [B, H, 1, Dv]
+    out.copy_(o.squeeze(2))
 
 
 def _prefill_one(q, k_cache, v_cache, span: PrefillSpan, scale: float, window: int | None, out: torch.Tensor) -> None:
