@@ -48,13 +48,20 @@ def test_cuda_offloaded_piecewise_graph_decode_equals_resident(arch, batch, tiny
                                torch.tensor(ref[1][:batch]), atol=2e-4, rtol=1e-4)
 
 
-def test_cuda_offload_bf16_tokens_match_resident_bf16(tiny_checkpoint):
+def test_cuda_offload_bf16_matches_resident_bf16_up_to_near_ties(tiny_checkpoint):
+    """bf16 sums in another order (expert groups, cache slots) may flip a greedy choice between two tokens of
+    nearly equal probability, after which the sequences differ. So: equal log-probabilities up to and including
+    each sequence's first differing token, where the two choices must be a near tie."""
     path, _ = tiny_checkpoint("qwen3_moe")
     ref_tokens, ref_logp = resident_tokens_and_logprobs(path, "cuda", torch.bfloat16)
     engine = offloaded_engine(path, "cuda", torch.bfloat16, slots=6, depth=1)
     seqs = engine.generate(_prompts(), SamplingParams(temperature=0, max_tokens=12, logprobs=1))
-    logp = torch.tensor([[x["logprob"] for x in s.logprobs] for s in seqs])
-    torch.testing.assert_close(logp, torch.tensor(ref_logp), atol=0.05, rtol=0.05)
+    for seq, tokens, logp in zip(seqs, ref_tokens, ref_logp):
+        got = seq.output_token_ids
+        first_diff = next((j for j, (a, b) in enumerate(zip(got, tokens)) if a != b), len(tokens))
+        n = min(first_diff + 1, len(tokens))
+        torch.testing.assert_close(torch.tensor([x["logprob"] for x in seq.logprobs[:n]]), torch.tensor(logp[:n]),
+                                   atol=0.05, rtol=0.05)
 
 
 def test_cuda_disk_tier_and_timeline(tiny_checkpoint, tmp_path):
