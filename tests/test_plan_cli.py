@@ -54,6 +54,12 @@ def test_predict_matches_the_model(capsys):
                            "--json"])
     t_f = max(t_a, t_e)  # same per-layer times, 8 layers instead of 32
     assert short["tpot"] == pytest.approx((t_a + t_e + 2 * t_c) + t_f * (3 * 8 - 1) + 3 * t_h)
+    stepped = _json(capsys, ["plan", "predict", "--synthetic", "mixtral-8x7b", "--num-layers", "8", "--attention-ranks",
+                             "2", "--expert-ranks", "2", "--micro-batches", "3", "--batch", "96", "--profile", "h100",
+                             "--step-overhead-ms", "2.5", "--json"])
+    # the driver's host work adds once per iteration; the per-layer times (the link included) stay the same
+    assert [stepped[k] for k in ("t_a", "t_e", "t_c", "t_h")] == pytest.approx([t_a, t_e, t_c, t_h])
+    assert stepped["t_step"] == pytest.approx(2.5e-3) and stepped["tpot"] == pytest.approx(short["tpot"] + 2.5e-3)
 
 
 def test_calibrate_on_cpu_fits_the_measured_points(capsys, tmp_path):

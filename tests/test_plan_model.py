@@ -6,6 +6,7 @@ import itertools
 import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -62,11 +63,12 @@ def test_iteration_time_equals_pingpong_simulation(t_a, t_e, t_c, m, layers):
 
 
 profiles = st.builds(
-    lambda w, kv, fa, fe, oa, oe, link, lat: replace(H200, weight_gbps=w, kv_gbps=kv, attn_tflops=fa, expert_tflops=fe,
-                                                     attn_overhead_us=oa, expert_overhead_us=oe, intra_host_gbps=link,
-                                                     inter_host_gbps=link / 8, link_latency_us=lat),
+    lambda w, kv, fa, fe, oa, oe, link, lat, s0, s1: replace(
+        H200, weight_gbps=w, kv_gbps=kv, attn_tflops=fa, expert_tflops=fe, attn_overhead_us=oa, expert_overhead_us=oe,
+        intra_host_gbps=link, inter_host_gbps=link / 8, link_latency_us=lat, step_overhead_us=s0,
+        step_overhead_per_seq_us=s1),
     st.floats(500, 5000), st.floats(200, 3000), st.floats(50, 900), st.floats(50, 900), st.floats(0, 100),
-    st.floats(0, 100), st.floats(20, 500), st.floats(1, 50))
+    st.floats(0, 100), st.floats(20, 500), st.floats(1, 50), st.sampled_from([0.0, 3000.0]), st.floats(0, 2))
 
 
 @settings(max_examples=30, deadline=None)
@@ -104,7 +106,9 @@ def check_constraints(pm: PerfModel, plan, cons: Constraints, num_gpus: int):
     assert cons.slo_tpot_s is None or q.tpot <= cons.slo_tpot_s * (1 + 1e-12)
     assert plan.gpus_used <= num_gpus and plan.replicas == num_gpus // d.gpus
     assert pm.c.num_experts % d.n_e == 0 and d.tp_a <= 8 and d.tp_e <= 8
-    tpot = (q.t_a + q.t_e + 2 * q.t_c) + t_f * (d.m * pm.c.num_layers - 1) + d.m * q.t_h  # the paper's formula
+    # the paper's formula, plus the driver's host work per iteration
+    assert q.t_step == pytest.approx((pm.ha.step_overhead_us + pm.ha.step_overhead_per_seq_us * d.global_batch) * 1e-6)
+    tpot = (q.t_a + q.t_e + 2 * q.t_c) + t_f * (d.m * pm.c.num_layers - 1) + d.m * q.t_h + q.t_step
     assert q.tpot == pytest.approx(tpot, rel=1e-9)
     assert q.throughput == pytest.approx(d.n_a * d.m * d.b_a / tpot, rel=1e-9)
 
@@ -141,7 +145,10 @@ def brute_force_best(pm: PerfModel, num_gpus: int, cons: Constraints, max_b: int
     return best
 
 
-@pytest.mark.parametrize("num_gpus, slo, hw", [(5, None, H200), (6, 0.08, H200), (6, None, BUILTIN["l40s"])])
+@pytest.mark.parametrize("num_gpus, slo, hw", [
+    (5, None, H200), (6, 0.08, H200), (6, None, BUILTIN["l40s"]),
+    (6, 0.08, replace(H200, step_overhead_us=3000.0, step_overhead_per_seq_us=50.0)),  # the SLO binds the batch
+])
 def test_search_agrees_with_brute_force(num_gpus, slo, hw):
     # a long context keeps the batch small (KV memory), so every b_a can be enumerated: at most what the KV
     # cache of m >= 2 micro-batches leaves room for on an attention node of 8 GPUs (KV split over 8 heads)
@@ -206,3 +213,20 @@ def test_builtin_profiles_state_their_sources(tmp_path):
         path.write_text(p.to_json())
         assert load_profile(path) == p
     assert math.isclose(BUILTIN["h200"].weight_gbps, 0.75 * 4800)
+
+
+def test_each_plan_has_the_best_n_a_of_its_group_with_the_step_overhead():
+    """search keeps, per (tp_a, tp_e, n_e, m), the n_a of highest predicted throughput: with the driver's host
+    work per iteration in the prediction, the choice among n_a must count it too."""
+    from expertyard.plan.search import _best_b
+
+    hw = replace(H200, step_overhead_us=20000.0, step_overhead_per_seq_us=5.0)
+    pm = PerfModel(model_costs(model_config_for("mixtral-8x7b")), hw, hw, Workload(2048))
+    cons = Constraints(balance_tolerance=0.5, max_micro_batches=3)
+    for plan in search(pm, 16, cons):
+        d = plan.prediction.deployment
+        n_a = np.arange(1, (16 - d.n_e * d.tp_e) // d.tp_a + 1)
+        b = _best_b(pm, d.tp_a, d.tp_e, n_a, d.n_e, d.m, cons)
+        best = max((16 // (n * d.tp_a + d.n_e * d.tp_e)) * predict(pm, replace(d, n_a=int(n), b_a=int(bb))).throughput
+                   for n, bb in zip(n_a, b) if bb > 0)
+        assert plan.total_throughput == pytest.approx(best, rel=1e-9)

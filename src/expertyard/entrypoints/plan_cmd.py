@@ -38,6 +38,10 @@ def _hardware_args(p: argparse.ArgumentParser, workload: bool = True) -> None:
                    help="GPU profile of the expert nodes (heterogeneous deployment); default: --gpu")
     p.add_argument("--price", type=float, default=None, help="USD per GPU-hour of the attention GPUs (overrides)")
     p.add_argument("--expert-price", type=float, default=None, help="USD per GPU-hour of the expert GPUs")
+    p.add_argument("--step-overhead-ms", type=float, default=None,
+                   help="the driver rank's host work per decode iteration, which every GPU waits for (scheduling, "
+                        "planning, the step header, sampling); overrides the profile's (0 in built-in profiles; "
+                        "~3 ms measured on 4 x H200, docs/plan.md)")
     if workload:
         p.add_argument("--context-len", type=int, default=2048, help="mean cached tokens per decoding sequence")
         p.add_argument("--max-len", type=int, default=None,
@@ -126,9 +130,11 @@ def _perf_model(args, synthetic: str | None = None, model: Path | None = None, n
     from expertyard.plan.perf_model import PerfModel, Workload
     from expertyard.plan.profiles import load_profile
 
-    attn = load_profile(args.gpu).with_price(args.price)
+    # the step overhead goes into both profiles: equal profiles mean one GPU type (PerfModel.link_gbps)
+    attn = load_profile(args.gpu).with_price(args.price).with_step_overhead(args.step_overhead_ms)
     expert = load_profile(args.expert_gpu or args.gpu).with_price(args.expert_price if args.expert_gpu else
                                                                  (args.expert_price or args.price))
+    expert = expert.with_step_overhead(args.step_overhead_ms)
     cfg = model_config_for(synthetic, model, num_layers)
     return PerfModel(model_costs(cfg, DTYPE_BYTES[args.dtype]), attn, expert, Workload(args.context_len, args.max_len))
 

@@ -136,6 +136,12 @@ class PerfModel:
         return Line(c.lm_head_flops_per_token / (tp_a * hw.attn_tflops * 1e12),
                     c.lm_head_bytes / (tp_a * hw.weight_gbps * 1e9))
 
+    def step_time(self, global_batch):
+        """The driver's host work per iteration for B sequences (scheduling, planning, the step header,
+        sampling): serial with the GPUs, once per iteration."""
+        hw = self.ha
+        return (hw.step_overhead_us + hw.step_overhead_per_seq_us * np.asarray(global_batch, dtype=np.float64)) * 1e-6
+
     def link_gbps(self, unit_gpus):
         """One-direction GB/s per GPU between attention and expert nodes: the intra-host link when the unit
         (n_a tp_a + n_e tp_e GPUs, one GPU type) fits one host, else the network (the slower side's NIC)."""
@@ -165,12 +171,13 @@ class PerfModel:
         return attn, expert
 
 
-def iteration_time(t_a, t_e, t_c, t_h, m, num_layers: int):
-    """Seconds of one decode iteration (every sequence gets one token): see the module docstring."""
+def iteration_time(t_a, t_e, t_c, t_h, m, num_layers: int, t_step=0.0):
+    """Seconds of one decode iteration (every sequence gets one token): see the module docstring. `t_step`:
+    the driver's serial host work per iteration (PerfModel.step_time)."""
     t_f = np.maximum(t_a, t_e)
     r = t_a + t_e + 2 * t_c
     period = np.maximum(m * t_f, r)
-    return (num_layers - 1) * period + (m - 1) * t_f + r + m * t_h
+    return (num_layers - 1) * period + (m - 1) * t_f + r + m * t_h + t_step
 
 
 @dataclass(frozen=True)
@@ -180,6 +187,7 @@ class Prediction:
     t_e: float
     t_c: float
     t_h: float
+    t_step: float  # seconds per iteration: the driver's host work (PerfModel.step_time)
     tpot: float  # seconds per output token of a sequence (one iteration)
     throughput: float  # tokens/s of the deployment
     per_gpu: float  # tokens/s per GPU
@@ -211,13 +219,14 @@ def predict(model: PerfModel, dep: Deployment) -> Prediction:
         raise ConfigError(f"{dep.n_e} expert nodes cannot split {c.num_experts} experts evenly; use a divisor of "
                           f"{c.num_experts}")
     t_a, t_e, t_c, t_h = (float(x) for x in model.times(dep.tp_a, dep.tp_e, dep.n_a, dep.n_e, dep.b_a))
-    tpot = float(iteration_time(t_a, t_e, t_c, t_h, dep.m, c.num_layers))
+    t_step = float(model.step_time(dep.global_batch))
+    tpot = float(iteration_time(t_a, t_e, t_c, t_h, dep.m, c.num_layers, t_step))
     thr = dep.global_batch / tpot
     attn_mem, exp_mem = (float(x) for x in model.memory(dep.tp_a, dep.tp_e, dep.n_e, dep.m, dep.b_a))
     cost = cost_per_hour(model, dep)
     t_f = max(t_a, t_e)
     return Prediction(
-        deployment=dep, t_a=t_a, t_e=t_e, t_c=t_c, t_h=t_h, tpot=tpot, throughput=thr, per_gpu=thr / dep.gpus,
+        deployment=dep, t_a=t_a, t_e=t_e, t_c=t_c, t_h=t_h, t_step=t_step, tpot=tpot, throughput=thr, per_gpu=thr / dep.gpus,
         per_dollar=None if cost is None else thr * 3600 / cost, attn_mem_bytes=attn_mem, expert_mem_bytes=exp_mem,
         fits_memory=attn_mem <= model.ha.usable_bytes and exp_mem <= model.he.usable_bytes,
         balance=abs(t_a - t_e) / t_f, comm_hidden=t_c < t_f, min_micro_batches=2 * (1 + t_c / t_f))

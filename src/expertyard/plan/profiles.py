@@ -36,6 +36,10 @@ class HardwareProfile:
     intra_host_gbps: float  # per-GPU, one-direction bandwidth to a GPU of the same host (NVLink or PCIe)
     inter_host_gbps: float  # per-GPU, one-direction network bandwidth to another host (its NIC share)
     link_latency_us: float  # fixed time of one dispatch or combine message
+    # host work of the driver rank per decode iteration, which every GPU waits for (scheduling, step planning,
+    # the step header, sampling): step_overhead_us + step_overhead_per_seq_us * B; not in the paper's model
+    step_overhead_us: float = 0.0
+    step_overhead_per_seq_us: float = 0.0
     gpus_per_host: int = 8  # tensor parallelism stays inside a host; units up to this size use intra-host links
     usable_memory_fraction: float = 0.9  # of memory_gb, for weights + KV cache (the rest: activations, context)
     price_per_hour: float | None = None  # USD per GPU-hour, for throughput per cost (None: not ranked by cost)
@@ -68,6 +72,13 @@ class HardwareProfile:
 
     def with_price(self, price: float | None) -> HardwareProfile:
         return self if price is None else replace(self, price_per_hour=price)
+
+    def with_step_overhead(self, ms: float | None) -> HardwareProfile:
+        if ms is None:
+            return self
+        if ms < 0:
+            raise ConfigError(f"--step-overhead-ms {ms} must be >= 0")
+        return replace(self, step_overhead_us=ms * 1e3)
 
 
 # Efficiency factors applied to the datasheet peaks of every built-in profile (assumptions, not measurements;

@@ -82,7 +82,8 @@ def feasible(model: PerfModel, tp_a: int, tp_e: int, n_a, n_e: int, m: int, b_a,
     attn_mem, exp_mem = model.memory(tp_a, tp_e, n_e, m, b_a)
     ok &= (attn_mem <= model.ha.usable_bytes) & (exp_mem <= model.he.usable_bytes) & (np.asarray(b_a) >= 1)
     if cons.slo_tpot_s is not None:
-        ok &= iteration_time(t_a, t_e, t_c, t_h, m, model.c.num_layers) <= cons.slo_tpot_s
+        t_step = model.step_time(np.asarray(n_a) * m * np.asarray(b_a))
+        ok &= iteration_time(t_a, t_e, t_c, t_h, m, model.c.num_layers, t_step) <= cons.slo_tpot_s
     return ok
 
 
@@ -98,7 +99,7 @@ def _b_upper(model: PerfModel, tp_a: int, tp_e: int, n_a: np.ndarray, n_e: int, 
 
     def slo_ok(b):
         t = model.times(tp_a, tp_e, n_a, n_e, b)
-        return iteration_time(*t, m, c.num_layers) <= cons.slo_tpot_s
+        return iteration_time(*t, m, c.num_layers, model.step_time(n_a * m * b)) <= cons.slo_tpot_s
 
     lo = np.zeros_like(hi)  # bisection: lo meets the SLO (or is 0: nothing does), every b > hi misses it
     while np.any(lo < hi):
@@ -164,7 +165,8 @@ def search(model: PerfModel, num_gpus: int, cons: Constraints = Constraints()) -
                         continue
                     unit = n_a * tp_a + n_e * tp_e
                     t = model.times(tp_a, tp_e, n_a, n_e, np.maximum(b, 1))
-                    thr = np.where(b > 0, n_a * m * b / iteration_time(*t, m, c.num_layers), 0.0)
+                    tpot = iteration_time(*t, m, c.num_layers, model.step_time(n_a * m * b))
+                    thr = np.where(b > 0, n_a * m * b / tpot, 0.0)
                     total = (num_gpus // unit) * thr
                     if cons.objective == "per-cost" and model.ha.price_per_hour and model.he.price_per_hour:
                         cost = n_a * tp_a * model.ha.price_per_hour + n_e * tp_e * model.he.price_per_hour
