@@ -5,8 +5,8 @@ The eager layer loop (pingpong.py) launches ~130 kernels per layer and micro-bat
 piece k of micro-batch i replays, from one graph: the combine of MoE layer m_{k-1}'s answers and the residual
 add, the attention (and dense layers) up to MoE layer m_k, its norm, router and shared expert, and the packing
 of its dispatch buffer. Between pieces only the exchange's communication runs eagerly (`communicate`: P2P or
-all-to-all launches), so a layer costs the host one replay and the exchange's launches (a 2+2 Qwen3-shape step
-took 12.7 ms on H200s against 34 ms eager in another run; docs/disaggregation.md).
+all-to-all launches), so a layer costs the host one replay and the exchange's launches (with the expert ranks'
+graphs, a 2+2 Qwen3-shape step took 8.4 ms on H200s against 33.5 ms eager in the same run; docs/disaggregation.md).
 
 Graphs are keyed by (micro-batch index, capacity bucket, context-length bucket). A micro-batch's rows are padded
 to the capacity C: padded rows attend over the scratch KV row and are never dispatched (`valid` in

@@ -16,7 +16,8 @@ def add_disagg_args(p, bench: bool = False) -> None:
     g.add_argument("--dist-timeout", type=float, default=120.0,
                    help="seconds a rank waits for a peer before the deployment is declared down")
     g.add_argument("--eager-decode", action="store_true",
-                   help="attention ranks run decode steps eagerly instead of replaying CUDA graphs (A/B, debugging)")
+                   help="attention and expert ranks run decode steps eagerly instead of replaying CUDA graphs "
+                        "(A/B, debugging)")
     g.add_argument("--replicate-experts", default="",
                    help="hot experts copied to every expert rank, as LAYER:E,E;LAYER:E (e.g. 0:3,7;5:1)")
     if not bench:

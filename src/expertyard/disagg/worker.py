@@ -73,8 +73,9 @@ class EngineSettings:
     max_model_len: int | None = None
     max_num_batched_tokens: int = 2048
     replicate: dict[int, list[int]] = field(default_factory=dict)  # layer -> hot experts copied to every rank
-    decode_graphs: bool | None = None  # attention ranks replay decode steps from CUDA graphs (None: on CUDA);
-    # True off CUDA runs the same pieces eagerly (tests of the piece split)
+    # attention and expert ranks replay decode steps from CUDA graphs (None: on CUDA); True off CUDA runs the same
+    # pieces and static buffers eagerly (tests of the piece split)
+    decode_graphs: bool | None = None
 
 
 def effective_max_model_len(cfg: ModelConfig, requested: int | None) -> int:
