@@ -108,11 +108,10 @@ class DistributedRunner:
         """Logits [N, V] float32 in step order (see ModelRunner.run)."""
         self._profiler.step()
         with record_function("expertyard.plan"):
-            header, order = plan_step(step, self.cfg, self.max_num_seqs, all_logits, self.micro_batches,
-                                      graphs=self.attention.pieces is not None)
+            header, gather = plan_step(step, self.cfg, self.max_num_seqs, all_logits, self.micro_batches,
+                                       graphs=self.attention.pieces is not None)
             counts = [sum(len(mb.out_rows) for mb in plans) for plans in header.plans]
-            offsets = [sum(counts[:r]) for r in range(len(counts))]
-            index = long_tensor([offsets[r] + j for r, j in order], self.attention.device)  # [N]
+            index = long_tensor(gather, self.attention.device)  # [N]
         with self._lock:
             with record_function("expertyard.broadcast"):
                 self._broadcast(header)

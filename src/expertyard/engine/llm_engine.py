@@ -121,16 +121,17 @@ class LLMEngine:
 
     def _check_finished(self, seq: Sequence) -> None:
         p, token = seq.params, seq.token_ids[-1]
-        out = seq.output_token_ids
         reason = None
         if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
             reason = "stop"
-            out = out[:-1]
-        seq.text = self.tokenizer.decode(out, skip_special_tokens=True) if self.tokenizer is not None else ""
-        for s in p.stop:
-            if (i := seq.text.find(s)) >= 0:
-                seq.text, reason = seq.text[:i], "stop"
-        if reason is None and (len(seq.output_token_ids) >= p.max_tokens or len(seq.token_ids) >= self.max_model_len):
+        if self.tokenizer is not None:
+            out = seq.output_token_ids
+            seq.text = self.tokenizer.decode(out[:-1] if reason else out, skip_special_tokens=True)
+            for s in p.stop:
+                if (i := seq.text.find(s)) >= 0:
+                    seq.text, reason = seq.text[:i], "stop"
+        num_output = len(seq.token_ids) - seq.num_prompt_tokens  # (output_token_ids would copy the list)
+        if reason is None and (num_output >= p.max_tokens or len(seq.token_ids) >= self.max_model_len):
             reason = "length"
         if reason is not None:
             self.scheduler.finish(seq, reason)
