@@ -2,12 +2,13 @@
 # Disaggregated expert parallelism (issue 6) in one device run, on 4 GPUs (docs/disaggregation.md):
 #   OUT=/tmp/out bash benchmarks/gpu_disagg.sh               (4 GPUs, NCCL, bf16; about 8 minutes)
 #   DEVICE=cpu OUT=/tmp/out bash benchmarks/gpu_disagg.sh    (the same steps at tiny sizes on CPU with gloo)
-#   STEPS=c OUT=/tmp/out bash benchmarks/gpu_disagg.sh       (only some of the steps below: any of a, b, c, d)
+#   STEPS=c OUT=/tmp/out bash benchmarks/gpu_disagg.sh       (only some of the steps below: any of a, b, c, d, e)
 # (a) the NCCL correctness matrix, (b) M2N dispatch/combine vs all_to_all_single, (c) decode per GPU:
 # ping-pong m=1..4 (2+2 and 3+1 ranks) vs colocated EP (m=1,2) on the same 4 GPUs, all with decode graphs on CUDA,
 # and 2+2 m=1 with --eager-decode for reference; (d) the same comparison at a large batch of a model with few,
 # big experts (Mixtral-8x7B shapes, batch 2048): enough tokens per expert that expert time grows with the
-# micro-batch, the regime ping-pong is built for.
+# micro-batch, the regime ping-pong is built for; (e) as (d) with 1,024-token prompts, so that an attention
+# rank's cache reads take about as long as an expert rank's GEMMs (T_a ~ T_e, what `plan` balances for).
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1 TORCHELASTIC_ERROR_FILE= LOGLEVEL=WARNING
 OUT=${OUT:-/tmp/expertyard-gpu}
@@ -24,12 +25,14 @@ if [ "$DEVICE" = cuda ]; then
   SHAPE=(--batch-sizes 256 --prompt-len 32 --decode-tokens 64)
   SIZES=4KB,16KB,64KB,256KB,1MB,4MB,8MB
   BIG=(--synthetic mixtral-8x7b --num-layers 8 --dtype bfloat16 --batch-sizes 2048 --prompt-len 256 --decode-tokens 32)
+  LONG=(--synthetic mixtral-8x7b --num-layers 8 --dtype bfloat16 --batch-sizes 2048 --prompt-len 1024 --decode-tokens 32)
 else
   TESTS=(tests/test_disagg_cpu.py -k "tiny-disaggregated-2x2 or tiny-colocated-2x2")
   MODEL=()   # the bundled model
   SHAPE=(--batch-sizes 8 --prompt-len 8 --decode-tokens 8)
   SIZES=4KB,64KB
   BIG=(--batch-sizes 16 --prompt-len 8 --decode-tokens 4)
+  LONG=(--batch-sizes 16 --prompt-len 32 --decode-tokens 4)
 fi
 
 if [[ $STEPS == *a* ]]; then
@@ -99,4 +102,11 @@ echo "== (d) decode on 4 ranks, large batch, few big experts" | tee -a "$LOG"
 bench big_pingpong_2x2 "${BIG[@]}" --mode disaggregated --attention-ranks 2 --expert-ranks 2 --micro-batches 1,2,3
 bench big_colocated_4 "${BIG[@]}" --mode colocated --attention-ranks 2 --expert-ranks 2 --micro-batches 1,2
 table big_
+fi
+
+if [[ $STEPS == *e* ]]; then
+echo "== (e) decode on 4 ranks, large batch, longer context (attention time ~ expert time)" | tee -a "$LOG"
+bench long_pingpong_2x2 "${LONG[@]}" --mode disaggregated --attention-ranks 2 --expert-ranks 2 --micro-batches 1,2
+bench long_colocated_4 "${LONG[@]}" --mode colocated --attention-ranks 2 --expert-ranks 2 --micro-batches 1,2
+table long_
 fi
