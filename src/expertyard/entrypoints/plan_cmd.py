@@ -101,6 +101,16 @@ def add_parser(sub) -> None:
     pc.add_argument("--repeats", type=int, default=None, help="timed calls per point")
     pc.add_argument("--no-cuda-graphs", action="store_true", help="time eagerly instead of CUDA-graph replays")
     pc.add_argument("--no-comm", action="store_true", help="skip the NCCL send/recv measurement")
+    step = pc.add_mutually_exclusive_group()
+    step.add_argument("--step-term", dest="step", action="store_true", default=None,
+                      help="measure T_step, the driver's host work per decode iteration, with two null deployments "
+                           "(1 attention + 1 expert rank, the model cut to its first MoE layer and one more); "
+                           "default: on CUDA when two GPUs are visible; this forces it on CPU (gloo)")
+    step.add_argument("--no-step-term", dest="step", action="store_false", default=None,
+                      help="skip the T_step measurement (the profile keeps the base profile's, 0)")
+    pc.add_argument("--step-batch-sizes", default=None,
+                    help="comma-separated decode batches of the T_step measurement (default 16,256,1024 on CUDA, "
+                         "2,8 on CPU)")
     pc.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
     pc.set_defaults(func=run_calibrate)
 
@@ -218,11 +228,16 @@ def run_calibrate(args) -> int:
         gpu = torch.cuda.get_device_name(device).lower() if device.type == "cuda" else ""
         base = next((name for name in BUILTIN if name in gpu), "h200")
     label = model_label(args.synthetic, args.model, args.num_layers)
-    profile = calibrate(model_config_for(args.synthetic, args.model, args.num_layers), label, device, DTYPES[args.dtype] if args.dtype
-                        else dtype, load_profile(base), name=args.name, context_len=args.context_len,
+    step_batches = _ints(args.step_batch_sizes, "--step-batch-sizes") if args.step_batch_sizes else None
+    if step_batches and args.step is False:
+        raise ConfigError("--step-batch-sizes was given with --no-step-term: drop one")
+    profile = calibrate(model_config_for(args.synthetic, args.model, args.num_layers), label, device,
+                        DTYPES[args.dtype] if args.dtype else dtype, load_profile(base), name=args.name,
+                        context_len=args.context_len,
                         batches=_ints(args.batch_sizes, "--batch-sizes") if args.batch_sizes else None,
                         pairs=_ints(args.pairs, "--pairs") if args.pairs else None, repeats=args.repeats,
-                        graphs=not args.no_cuda_graphs, comm=not args.no_comm)
+                        graphs=not args.no_cuda_graphs, comm=not args.no_comm, step=args.step,
+                        step_batches=step_batches)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(profile.to_json() + "\n")
     if args.json:
@@ -231,16 +246,31 @@ def run_calibrate(args) -> int:
     print(f"wrote {args.out}: {profile.name} ({profile.gpu})")
     for f in profile.fits:
         what = ", ".join(f"{k}={f[k]}" for k in ("experts", "context_len") if k in f)
+        if "null_layers" in f:
+            what = "layers=" + ",".join(map(str, f["null_layers"]))
         print(f"  {f['module']:<9} {what:<16} t = {f['k_slope'] * 1e6:.4f} us * x + {f['k_intercept'] * 1e6:.1f} us"
               f"   (x = {f['x']}; max relative error {f['max_rel_err']:.1%})")
     print(f"  effective: weights {profile.weight_gbps:,.1f} GB/s, KV {profile.kv_gbps:,.1f} GB/s, attention "
           f"{profile.attn_tflops:,.2f} TFLOPS, experts {profile.expert_tflops:,.2f} TFLOPS, overheads "
           f"{profile.attn_overhead_us:.1f} / {profile.expert_overhead_us:.1f} us, link "
           f"{profile.intra_host_gbps:,.1f} GB/s + {profile.link_latency_us:.1f} us")
+    print(f"  step term: T_step(B) = {profile.step_overhead_us / 1e3:.3f} ms + "
+          f"{profile.step_overhead_per_seq_us:.3f} us * B per decode iteration")
+    for f in profile.fits:
+        if f["module"] == "step":
+            _print_null_deployments(f)
     for key, source in profile.sources.items():
         if key != "calibration":
             print(f"  {key}: {source}")
     return 0
+
+
+def _print_null_deployments(f: dict) -> None:
+    l1, l2 = f["null_layers"]
+    steps = dict(f["points"])
+    for (b, t1, t2), (_, head) in zip(f["null_tpots"], f["lm_head"]):
+        print(f"    B={b:<5} TPOT({l1}) {t1 * 1e3:.3f} ms, TPOT({l2}) {t2 * 1e3:.3f} ms, LM head {head * 1e3:.3f} ms"
+              f" -> T_step {steps[b] * 1e3:.3f} ms")
 
 
 def run_table(args) -> int:

@@ -5,6 +5,8 @@
   T_e(p)  = k3 * p + k4   `kernels.fused_moe.fused_moe` over p (token, expert) rows spread evenly over E experts,
                           at two expert counts (E and E/2)
   T_c(n)  = c1 * n + c0   NCCL send/recv of n bytes between two GPUs (comm_bench.py), when two are visible
+  T_step(B) = s1 * B + s0 the driver's host work per decode iteration: 2 TPOT(L1) - TPOT(L2) - T_h of two null
+                          deployments of the real runtime (step_bench.py), when two GPUs are visible or asked on CPU
 
 Fits are float64 least squares. From them the profile's effective figures, which carry over to any model
 shape, are solved (W = weight bytes of the timed layer, kv = KV bytes per token per layer, P = parameters):
@@ -13,7 +15,9 @@ shape, are solved (W = weight bytes of the timed layer, kv = KV bytes per token 
   kv_gbps = kv / beta,  attn_tflops = 2 P_attn / alpha      where k1(S) = alpha + beta * S
   attn_overhead = mean k2 - W_attn / weight_gbps
 Values the noise makes non-physical (a negative difference) fall back to the base profile; `sources` says
-which. On one GPU, or on a CPU, the link figures are the base profile's (named in `sources`).
+which. On one GPU, or on a CPU, the link figures are the base profile's (named in `sources`). The step term's
+null deployments run first (fail fast, before the parent holds GPU memory) and are solved last: T_step subtracts
+the LM head T_h(B) that the solved profile predicts, because the performance model adds T_h on its own.
 """
 
 from __future__ import annotations
@@ -163,17 +167,20 @@ def expert_points(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, pa
 def _fit_record(module: str, x_name: str, points, **extra) -> dict:
     xs, ys = zip(*points)
     line = fit_line(xs, ys)
-    rel = [abs(line(x) - y) / y for x, y in points]
+    rel = [abs(line(x) - y) / (abs(y) or 1e-12) for x, y in points]  # T_step points can be <= 0 (noise)
     return {"module": module, "x": x_name, **extra, "k_slope": line.slope, "k_intercept": line.intercept,
             "max_rel_err": max(rel), "points": [[int(x), float(y)] for x, y in points]}
 
 
 def calibrate(cfg: ModelConfig, label: str, device: torch.device, dtype: torch.dtype, base: HardwareProfile,
               name: str | None = None, context_len: int | None = None, batches=None, pairs=None,
-              repeats: int | None = None, graphs: bool = True, comm: bool = True) -> HardwareProfile:
+              repeats: int | None = None, graphs: bool = True, comm: bool = True, step: bool | None = None,
+              step_batches=None) -> HardwareProfile:
     """Measure, fit and solve a calibrated profile (see the module docstring); `base` supplies what is not
-    measured (datasheet peaks, the network, prices)."""
+    measured (datasheet peaks, the network, prices). `step`: measure T_step (None: on CUDA when two GPUs are
+    visible, not on CPU, where it costs two launches of two processes)."""
     on_gpu = device.type == "cuda"
+    null, step_reason = _null_deployments(cfg, label, device, dtype, step, step_batches)
     graphs = graphs and on_gpu
     context_len = context_len or (2048 if on_gpu else 128)
     batches = tuple(batches or (GPU_BATCHES if on_gpu else CPU_BATCHES))
@@ -237,11 +244,62 @@ def calibrate(cfg: ModelConfig, label: str, device: torch.device, dtype: torch.d
             f"base profile {base.name} ({'no second GPU visible' if on_gpu else 'CPU run'}): not measured")
     sources["inter_host_gbps, hbm_gbps, peak_tflops, price_per_hour"] = f"base profile {base.name}: not measured"
     memory_gb = torch.cuda.get_device_properties(device).total_memory / 1e9 if on_gpu else base.memory_gb
-    return replace(
+    profile = replace(
         base, name=name or f"{base.name}-calibrated", gpu=_device_name(device), kind="calibrated",
         memory_gb=memory_gb, weight_gbps=weight_bps / 1e9, kv_gbps=kv_gbps, attn_tflops=attn_tflops,
         expert_tflops=expert_tflops, attn_overhead_us=attn_overhead * 1e6, expert_overhead_us=expert_overhead * 1e6,
         **link, sources=sources, fits=fits)
+    return _with_step_term(profile, c, null, step_reason, base.name)
+
+
+STEP_KEY = "step_overhead_us, step_overhead_per_seq_us"
+
+
+def _null_deployments(cfg: ModelConfig, label: str, device: torch.device, dtype: torch.dtype, step: bool | None,
+                      batches) -> tuple[dict | None, str]:
+    """The two null deployments' TPOTs (step_bench.measure_null_tpots), or None and why they were not run."""
+    on_gpu = device.type == "cuda"
+    if step is False:
+        return None, "--no-step-term"
+    if not on_gpu and step is None:
+        return None, "CPU run; --step-term measures it over gloo"
+    if on_gpu and torch.cuda.device_count() < 2:
+        return None, (f"the null deployments need 2 GPUs (1 attention + 1 expert rank), "
+                      f"{torch.cuda.device_count()} visible")
+    from expertyard.plan.step_bench import measure_null_tpots
+
+    null = measure_null_tpots(cfg.hf_config, device.type, dtype, batches, name=label)
+    where = (f"2 x {torch.cuda.get_device_name(0)} (cuda:0, cuda:1)" if on_gpu else
+             f"CPU ({platform.processor() or platform.machine()}), 2 processes over gloo")
+    return {**null, "where": where}, ""
+
+
+def _with_step_term(profile: HardwareProfile, costs, null: dict | None, reason: str, base_name: str) -> HardwareProfile:
+    """`profile` with T_step(B) solved from the null deployments minus the LM head `profile` predicts (at
+    tp_a = 1, m = 1, as they ran), fitted, and recorded under `fits` and `sources`."""
+    from expertyard.plan.perf_model import PerfModel
+    from expertyard.plan.step_bench import fit_step, solve_step
+
+    sources = dict(profile.sources)
+    if null is None:
+        sources[STEP_KEY] = (f"base profile {base_name} ({profile.step_overhead_us:g} us + "
+                             f"{profile.step_overhead_per_seq_us:g} us per sequence): not measured ({reason})")
+        return replace(profile, sources=sources)
+    head = PerfModel(costs, profile, profile).head_line(1)
+    points, layers = solve_step(null["tpots"], head)
+    line, notes = fit_step(points)
+    l1, l2 = null["layers"]
+    record = _fit_record("step", "sequences in the decode step (B)", points, null_layers=[l1, l2],
+                         null_tpots=[[int(b), t1, t2] for b, t1, t2 in null["tpots"]],
+                         lm_head=[[int(b), float(head(b))] for b, _, _ in null["tpots"]],
+                         layer=[[b, t] for b, t in layers], prompt_len=null["prompt_len"],
+                         decode_tokens=null["decode_tokens"])
+    how = (f"measured: null deployments of the runtime (1 attention + 1 expert rank, m = 1, {l1} and {l2} layers) "
+           f"on {null['where']}, T_step(B) = 2 TPOT({l1}) - TPOT({l2}) - T_h(B), fitted over B = "
+           f"{', '.join(str(b) for b, _ in points)}")
+    sources[STEP_KEY] = "; ".join([how, *notes, *([null["note"]] if null["note"] else [])])
+    return replace(profile, step_overhead_us=line.intercept * 1e6, step_overhead_per_seq_us=line.slope * 1e6,
+                   sources=sources, fits=[*profile.fits, record])
 
 
 def _comm_points():
