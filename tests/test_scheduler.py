@@ -50,7 +50,9 @@ class Harness:
             assert span.start == span.seq.num_computed and 1 <= span.length <= span.seq.num_uncomputed
         assert all(span.length == 1 for span in step.decodes)
         # decodes first: every decoding sequence gets its token while the budget lasts, in running order
-        assert [span.seq for span in step.decodes] == decoding[:self.budget]
+        # (prefill_first: none while a prompt waits or is part-prefilled)
+        held = s.prefill_first and (waiting or prefilling)
+        assert [span.seq for span in step.decodes] == ([] if held else decoding[:self.budget])
         if step.prefills:
             assert len(decoding) < self.budget
         # then running prompts, then new ones, FIFO, only into free slots and only if the rest fully fit
@@ -145,6 +147,19 @@ def test_decodes_are_scheduled_before_new_prefills():
     step = h.step()  # decodes again first; the new prompt's next chunk gets the one token left
     assert [s.seq for s in step.decodes] == olds and [(s.seq, s.start, s.length) for s in step.prefills] == \
         [(new, 1, 1)]
+
+
+def test_prefill_first_holds_decodes_until_every_prompt_is_in_the_cache():
+    h = Harness(max_num_seqs=4, budget=6)
+    h.s.prefill_first = True
+    seqs = [h.add(_seq(4, max_tokens=5)) for _ in range(3)]
+    shapes = []
+    while not all(len(s.output_token_ids) == 5 for s in seqs):
+        step = h.step()
+        shapes.append((sum(s.length for s in step.prefills), len(step.decodes)))
+    # 12 prompt tokens in budgets of 6 (no decode meanwhile, although the first prompt is done after step 1),
+    # then the three sequences decode together in every step
+    assert shapes == [(6, 0), (6, 0), (0, 3), (0, 3), (0, 3), (0, 3)]
 
 
 def test_new_prompt_waits_while_decodes_use_the_whole_budget():

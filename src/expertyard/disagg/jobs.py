@@ -23,6 +23,7 @@ def greedy(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> dict
 def greedy_each_m(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, ms: list[int]) -> dict[int, dict]:
     """`greedy` once per number of micro-batches, on one running deployment."""
     out = {}
+    engine.scheduler.prefill_first = True
     for m in ms:
         engine.runner.micro_batches = m
         out[m] = greedy(engine, prompts, max_tokens)
@@ -32,12 +33,15 @@ def greedy_each_m(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, 
 def decode_throughput(engine: LLMEngine, batch: int, prompt_len: int, decode_tokens: int, ms: list[int],
                       seed: int = 0) -> dict[int, dict]:
     """Per m: decode tokens/s and time per output token at a fixed batch (greedy, EOS ignored), after one
-    warm-up pass. Timing starts once every prompt is prefilled (in as many steps as the token budget needs);
-    tokens/s counts the tokens generated from there on."""
+    warm-up pass. Every prompt is prefilled first (in as many steps as the token budget needs, no decode token
+    in between: `Scheduler.prefill_first`), then timing covers decode steps of the whole batch only. (Before,
+    sequences prefilled early decoded while later prompts were still prefilling, so at 2,048 prompts of 256+
+    tokens most of the batch had finished before the timed steps: those TPOTs were not at the stated batch.)"""
     gen = torch.Generator().manual_seed(seed)
     prompts = torch.randint(0, engine.model_config.vocab_size, (batch, prompt_len), generator=gen).tolist()
     params = SamplingParams(temperature=0, max_tokens=decode_tokens, ignore_eos=True)
     out = {}
+    engine.scheduler.prefill_first = True
     for m in ms:
         engine.runner.micro_batches = m
         for timed in (False, True):
@@ -54,6 +58,7 @@ def decode_throughput(engine: LLMEngine, batch: int, prompt_len: int, decode_tok
             _sync(engine)
             dt = time.perf_counter() - t0
             assert all(len(s.output_token_ids) == decode_tokens for s in seqs)
+        assert before == batch, f"{before} tokens were generated before the timed decode steps, not one per prompt"
         generated = batch * decode_tokens - before
         out[m] = {"decode_tokens_per_s": generated / dt, "tpot_ms": 1e3 * dt / steps, "steps": steps}
     return out
