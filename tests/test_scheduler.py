@@ -27,9 +27,10 @@ class Harness:
     """Drives a Scheduler the way the engine does (count updates, one fake token per sampling span) and
     checks the scheduling rules on every step."""
 
-    def __init__(self, max_num_seqs: int, budget: int):
+    def __init__(self, max_num_seqs: int, budget: int, prefill_first: bool = False):
         self.max_num_seqs, self.budget = max_num_seqs, budget
         self.s = Scheduler(max_num_seqs, budget)
+        self.s.prefill_first = prefill_first
         self.computed: dict[int, list[tuple[int, int]]] = {}  # seq_id -> spans (start, length) in order
 
     def add(self, seq: Sequence) -> Sequence:
@@ -50,10 +51,10 @@ class Harness:
             assert span.start == span.seq.num_computed and 1 <= span.length <= span.seq.num_uncomputed
         assert all(span.length == 1 for span in step.decodes)
         # decodes first: every decoding sequence gets its token while the budget lasts, in running order
-        # (prefill_first: none while a prompt waits or is part-prefilled)
-        held = s.prefill_first and (waiting or prefilling)
+        # (prefill_first: none while a prompt is part-prefilled or waits with a slot free)
+        held = s.prefill_first and ((waiting and free_before) or prefilling)
         assert [span.seq for span in step.decodes] == ([] if held else decoding[:self.budget])
-        if step.prefills:
+        if step.prefills and not held:
             assert len(decoding) < self.budget
         # then running prompts, then new ones, FIFO, only into free slots and only if the rest fully fit
         admitted = [span.seq for span in step.prefills if span.seq in waiting]
@@ -87,12 +88,13 @@ class Harness:
 workloads = st.lists(st.tuples(st.integers(1, 60), st.integers(1, 6), st.integers(0, 15)), min_size=1, max_size=10)
 
 
-@settings(max_examples=200, deadline=None)
-@given(workloads, st.integers(1, 5), st.integers(1, 40), st.integers(0, 2**32 - 1))
-def test_scheduling_rules_hold_on_random_workloads(work, max_num_seqs, budget, seed):
-    """Random prompt lengths, output lengths, arrival steps and aborts; every step is checked by Harness."""
+@settings(max_examples=300, deadline=None)
+@given(workloads, st.integers(1, 5), st.integers(1, 40), st.integers(0, 2**32 - 1), st.booleans())
+def test_scheduling_rules_hold_on_random_workloads(work, max_num_seqs, budget, seed, prefill_first):
+    """Random prompt lengths, output lengths, arrival steps and aborts, decodes first or prefills first; every
+    step is checked by Harness (among others: a step makes progress whenever there is work)."""
     rng = random.Random(seed)
-    h = Harness(max_num_seqs, budget)
+    h = Harness(max_num_seqs, budget, prefill_first)
     pending = sorted(((arrive, _seq(n, m)) for n, m, arrive in work), key=lambda x: x[0])
     seqs = [q for _, q in pending]
     aborted = set()
@@ -150,8 +152,7 @@ def test_decodes_are_scheduled_before_new_prefills():
 
 
 def test_prefill_first_holds_decodes_until_every_prompt_is_in_the_cache():
-    h = Harness(max_num_seqs=4, budget=6)
-    h.s.prefill_first = True
+    h = Harness(max_num_seqs=4, budget=6, prefill_first=True)
     seqs = [h.add(_seq(4, max_tokens=5)) for _ in range(3)]
     shapes = []
     while not all(len(s.output_token_ids) == 5 for s in seqs):
@@ -299,3 +300,16 @@ def test_seeded_sampling_is_reproducible_alone_and_batched(tiny):
     assert batch[1].output_token_ids == alone.output_token_ids
     (other_seed,) = _engine(loaded).generate([prompt], SamplingParams(temperature=1.5, max_tokens=10, seed=124))
     assert other_seed.output_token_ids != alone.output_token_ids
+
+
+def test_prefill_first_decodes_when_waiting_prompts_have_no_slot():
+    """More prompts than slots: the running sequences must decode to the end to free a slot (holding them
+    for the waiting prompts would stall forever)."""
+    h = Harness(max_num_seqs=2, budget=8, prefill_first=True)
+    first = [h.add(_seq(3, max_tokens=2)) for _ in range(2)]
+    late = h.add(_seq(3, max_tokens=2))
+    h.step()  # both slots' prompts
+    step = h.step()
+    assert [s.seq for s in step.decodes] == first and not step.prefills  # late waits: no slot, no hold
+    step = h.step()  # first two finished: late is admitted
+    assert [s.seq for s in step.prefills] == [late]

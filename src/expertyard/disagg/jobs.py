@@ -23,7 +23,6 @@ def greedy(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> dict
 def greedy_each_m(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, ms: list[int]) -> dict[int, dict]:
     """`greedy` once per number of micro-batches, on one running deployment."""
     out = {}
-    engine.scheduler.prefill_first = True
     for m in ms:
         engine.runner.micro_batches = m
         out[m] = greedy(engine, prompts, max_tokens)

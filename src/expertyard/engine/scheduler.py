@@ -40,8 +40,8 @@ class Scheduler:
         self.free_slots = list(range(max_num_seqs - 1, -1, -1))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        # True: no decode token while any prompt is waiting or part-prefilled (benchmarks: every sequence then
-        # decodes in every timed step); False (serving): decodes go first, so streams keep flowing
+        # True: no decode token while a prompt is part-prefilled or waits with a slot free for it (benchmarks:
+        # every sequence then decodes in every timed step); False (serving): decodes go first, streams keep flowing
         self.prefill_first = False
 
     def add(self, seq: Sequence) -> None:
@@ -55,7 +55,9 @@ class Scheduler:
         prompts (running ones mid-prefill first, then newly admitted ones), chunked when long."""
         budget = self.max_num_batched_tokens
         decodes, prefills = [], []
-        hold = self.prefill_first and (self.waiting or any(s.num_uncomputed > 1 for s in self.running))
+        # (a prompt waiting without a free slot holds nothing: the running sequences must finish to make room)
+        hold = self.prefill_first and ((self.waiting and self.free_slots) or
+                                       any(s.num_uncomputed > 1 for s in self.running))
         for seq in self.running:
             if seq.num_uncomputed == 1 and budget > 0 and not hold:
                 decodes.append(ScheduledSpan(seq, seq.num_computed, 1))
