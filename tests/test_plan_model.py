@@ -230,3 +230,21 @@ def test_each_plan_has_the_best_n_a_of_its_group_with_the_step_overhead():
         best = max((16 // (n * d.tp_a + d.n_e * d.tp_e)) * predict(pm, replace(d, n_a=int(n), b_a=int(bb))).throughput
                    for n, bb in zip(n_a, b) if bb > 0)
         assert plan.total_throughput == pytest.approx(best, rel=1e-9)
+
+
+def test_exchange_term_goes_half_to_each_side_of_every_moe_layer():
+    """T_x(b) = x0 + x1 b per MoE layer and micro-batch: half in T_a, half in T_e (DeepSeek-V2-Lite: its first
+    layer is dense, so the per-layer averages carry T_x times the MoE share)."""
+    c = model_costs(model_config_for("deepseek-v2-lite"))
+    base = load_profile("h200")
+    hw = replace(base, exchange_overhead_us=200.0, exchange_overhead_per_token_us=1.5)
+    bare, with_x = PerfModel(c, base, base), PerfModel(c, hw, hw)
+    share = c.num_moe_layers / c.num_layers
+    assert share < 1
+    for b in (1, 64, 512):
+        t0, t1 = (np.array(pm.times(1, 1, 2, 4, b)) for pm in (bare, with_x))
+        half = 0.5 * (200.0 + 1.5 * b) * 1e-6 * share
+        assert t1 - t0 == pytest.approx([half, half, 0.0, 0.0], abs=1e-15)
+    dep = Deployment(1, 1, 2, 4, 1, 32)  # m = 1: every layer pays T_a + T_e, so the iteration pays all of T_x
+    grown = predict(with_x, dep).tpot - predict(bare, dep).tpot
+    assert grown == pytest.approx(c.num_moe_layers * (200.0 + 1.5 * 32) * 1e-6, rel=1e-9)

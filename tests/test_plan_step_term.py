@@ -2,13 +2,16 @@
 fit_step), the null deployments on the real runtime over gloo, and `plan calibrate --step-term` on CPU."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 from conftest import tiny_hf_config
 
 from expertyard.entrypoints.cli import main
-from expertyard.plan.perf_model import Line
+from expertyard.plan.model_costs import model_costs
+from expertyard.plan.model_specs import model_config_for
+from expertyard.plan.perf_model import Line, PerfModel, Workload
 from expertyard.plan.profiles import load_profile
 from expertyard.plan.step_bench import cut, fit_step, measure_null_tpots, null_layer_counts, solve_step
 
@@ -82,7 +85,7 @@ def test_calibrate_step_term_on_cpu_writes_the_step_fields(capsys, tmp_path):
     assert "step term: T_step(B) =" in out and "TPOT(1)" in out and "TPOT(2)" in out
     profile = load_profile(path)
     step = [f for f in profile.fits if f["module"] == "step"]
-    assert len(step) == 1 and [f["module"] for f in profile.fits][-1] == "step"
+    assert len(step) == 1 and [f["module"] for f in profile.fits][-2:] == ["step", "exchange"]
     rec = step[0]
     assert rec["null_layers"] == [1, 2] and [row[0] for row in rec["null_tpots"]] == [2, 4]
     assert all(t > 0 for _, t1, t2 in rec["null_tpots"] for t in (t1, t2))
@@ -94,6 +97,17 @@ def test_calibrate_step_term_on_cpu_writes_the_step_fields(capsys, tmp_path):
     assert profile.step_overhead_us == pytest.approx(line.intercept * 1e6)
     assert profile.step_overhead_per_seq_us == pytest.approx(line.slope * 1e6)
     assert profile.sources["step_overhead_us, step_overhead_per_seq_us"].startswith("measured: null deployments")
+    # T_x: the same deployments' T_layer = TPOT(2) - TPOT(1) beyond the kernel fits (float32: 4-byte elements)
+    exchange = profile.fits[-1]
+    assert exchange["context_len"] == 8 + 6 // 2 and [b for b, _ in exchange["layer"]] == [2, 4]
+    bare = replace(profile, exchange_overhead_us=0.0, exchange_overhead_per_token_us=0.0)
+    pm = PerfModel(model_costs(model_config_for(None, None), 4), bare, bare, Workload(exchange["context_len"]))
+    for (b, t1, t2), (_, x) in zip(rec["null_tpots"], exchange["points"]):
+        t_a, t_e, t_c, _ = (float(v) for v in pm.times(1, 1, 1, 1, b))
+        assert x == pytest.approx((t2 - t1) - (t_a + (t_e + 2 * t_c) / pm.moe_fraction), rel=1e-9, abs=1e-12)
+    line, _ = fit_step([tuple(p) for p in exchange["points"]])
+    assert (profile.exchange_overhead_us, profile.exchange_overhead_per_token_us) == \
+        pytest.approx((line.intercept * 1e6, line.slope * 1e6))
     # plan predict with the profile uses them; --step-overhead-ms replaces the fixed part only
     argv = ["plan", "predict", "--attention-ranks", "1", "--expert-ranks", "1", "--micro-batches", "1", "--batch", "8",
             "--profile", str(path), "--json"]

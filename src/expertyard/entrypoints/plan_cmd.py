@@ -256,6 +256,8 @@ def run_calibrate(args) -> int:
           f"{profile.intra_host_gbps:,.1f} GB/s + {profile.link_latency_us:.1f} us")
     print(f"  step term: T_step(B) = {profile.step_overhead_us / 1e3:.3f} ms + "
           f"{profile.step_overhead_per_seq_us:.3f} us * B per decode iteration")
+    print(f"  exchange term: T_x(b) = {profile.exchange_overhead_us:.1f} us + "
+          f"{profile.exchange_overhead_per_token_us:.3f} us * b per MoE layer and micro-batch")
     for f in profile.fits:
         if f["module"] == "step":
             _print_null_deployments(f)

@@ -7,6 +7,8 @@
   T_c(n)  = c1 * n + c0   NCCL send/recv of n bytes between two GPUs (comm_bench.py), when two are visible
   T_step(B) = s1 * B + s0 the driver's host work per decode iteration: 2 TPOT(L1) - TPOT(L2) - T_h of two null
                           deployments of the real runtime (step_bench.py), when two GPUs are visible or asked on CPU
+  T_x(b)  = x1 * b + x0   the rest of one MoE layer in those deployments: TPOT(L2) - TPOT(L1) - (T_a + T_e + 2 T_c)
+                          of the fits above at the same b (router, packing, unpacking, combining, launch gaps)
 
 Fits are float64 least squares. From them the profile's effective figures, which carry over to any model
 shape, are solved (W = weight bytes of the timed layer, kv = KV bytes per token per layer, P = parameters):
@@ -298,8 +300,35 @@ def _with_step_term(profile: HardwareProfile, costs, null: dict | None, reason: 
            f"on {null['where']}, T_step(B) = 2 TPOT({l1}) - TPOT({l2}) - T_h(B), fitted over B = "
            f"{', '.join(str(b) for b, _ in points)}")
     sources[STEP_KEY] = "; ".join([how, *notes, *([null["note"]] if null["note"] else [])])
-    return replace(profile, step_overhead_us=line.intercept * 1e6, step_overhead_per_seq_us=line.slope * 1e6,
-                   sources=sources, fits=[*profile.fits, record])
+    profile = replace(profile, step_overhead_us=line.intercept * 1e6, step_overhead_per_seq_us=line.slope * 1e6,
+                      sources=sources, fits=[*profile.fits, record])
+    return _with_exchange_term(profile, costs, null, layers)
+
+
+EXCHANGE_KEY = "exchange_overhead_us, exchange_overhead_per_token_us"
+
+
+def _with_exchange_term(profile: HardwareProfile, costs, null: dict, layers) -> HardwareProfile:
+    """`profile` with T_x(b): what one MoE layer of the null deployments took (T_layer = TPOT(L2) - TPOT(L1))
+    beyond the kernel fits' T_a + T_e + 2 T_c at the same batch and cache length, fitted over b."""
+    from expertyard.plan.perf_model import PerfModel, Workload
+    from expertyard.plan.step_bench import exchange_residuals, fit_step
+
+    sources = dict(profile.sources)
+    if null["note"]:  # the layer the second deployment adds is dense: no exchange in T_layer
+        sources[EXCHANGE_KEY] = f"not measured: {null['note']}"
+        return replace(profile, sources=sources)
+    bare = replace(profile, exchange_overhead_us=0.0, exchange_overhead_per_token_us=0.0)
+    context = null["prompt_len"] + null["decode_tokens"] // 2  # the mean cached length of the timed steps
+    points = exchange_residuals(PerfModel(costs, bare, bare, Workload(context)), layers)
+    line, notes = fit_step(points)
+    record = _fit_record("exchange", "tokens of the micro-batch (b), one MoE layer", points,
+                         layer=[[b, t] for b, t in layers], context_len=context)
+    how = ("measured: T_layer(b) of the same null deployments minus the kernel fits' T_a + T_e + 2 T_c at b "
+           f"sequences and {context} cached tokens, fitted over b = {', '.join(str(b) for b, _ in points)}")
+    sources[EXCHANGE_KEY] = "; ".join([how, *notes])
+    return replace(profile, exchange_overhead_us=line.intercept * 1e6,
+                   exchange_overhead_per_token_us=line.slope * 1e6, sources=sources, fits=[*profile.fits, record])
 
 
 def _comm_points():

@@ -14,11 +14,15 @@ E / n_e routed experts of every MoE layer. Per layer and micro-batch (times in s
                                 one dispatch (or combine) message: the attention node's GPUs share the send,
                                 every GPU of an expert node receives all b_e rows (TP splits I, not tokens)
   T_h(b_a)                      LM head of one micro-batch, once per iteration (vocabulary split over tp_a)
+  T_x(b_a) = x1 * b_a + x0     not in the paper: the runtime's work around one exchange that no kernel fit times
+                                (router, packing, unpacking, combining, launch gaps), calibrated from null
+                                deployments; half is added to T_a, half to T_e (the split is an assumption)
+  T_step(B)                     not in the paper: the driver's host work, once per iteration (step_time)
 
 T_e and T_c are scaled by L_moe / L so that every per-layer figure is an average over the L layers (exact when
 all layers are MoE). With T_f = max(T_a, T_e) and R = T_a + T_e + 2 T_c (one round trip of a micro-batch):
 
-  iteration (= TPOT) = (L - 1) * P + (m - 1) * T_f + R + m * T_h,   P = max(m T_f, R)
+  iteration (= TPOT) = (L - 1) * P + (m - 1) * T_f + R + m * T_h + T_step,   P = max(m T_f, R)
 
 When the paper's ping-pong condition holds (m >= 2 (1 + T_c / T_f), which implies m T_f >= R, so P = m T_f)
 this is the paper's (T_a + T_e + 2 T_c) + T_f (m L - 1), plus the LM head; when it does not, P = R is the
@@ -149,13 +153,21 @@ class PerfModel:
         intra = (ha == he) & (np.asarray(unit_gpus) <= ha.gpus_per_host)
         return np.where(intra, ha.intra_host_gbps, min(ha.inter_host_gbps, he.inter_host_gbps))
 
+    def exchange_time(self, hw: HardwareProfile, b_a):
+        """T_x(b_a): the runtime's work around one MoE exchange of a micro-batch of b_a tokens that no kernel fit
+        times (router, packing, unpacking, combining, launch gaps), from the profile's null deployments."""
+        return (hw.exchange_overhead_us + hw.exchange_overhead_per_token_us * np.asarray(b_a, dtype=np.float64)) * 1e-6
+
     def times(self, tp_a: int, tp_e: int, n_a, n_e: int, b_a):
-        """Per-layer averages (T_a, T_e, T_c) and T_h in seconds, broadcast over arrays n_a and b_a."""
+        """Per-layer averages (T_a, T_e, T_c) and T_h in seconds, broadcast over arrays n_a and b_a. T_x is
+        split evenly between T_a and T_e: its kernels run on both sides (which side carries how much is not
+        measured yet; docs/plan.md shows how much the split moves the predictions)."""
         c = self.c
         n_a = np.asarray(n_a, dtype=np.float64)
         b_a = np.asarray(b_a, dtype=np.float64)
-        t_a = self.attention_line(tp_a)(b_a)
-        t_e = self.expert_line(tp_e, n_e)(b_a * n_a * c.top_k / n_e) * self.moe_fraction
+        t_a = self.attention_line(tp_a)(b_a) + 0.5 * self.exchange_time(self.ha, b_a) * self.moe_fraction
+        t_e = (self.expert_line(tp_e, n_e)(b_a * n_a * c.top_k / n_e) + 0.5 * self.exchange_time(self.he, b_a)) \
+            * self.moe_fraction
         bw = self.link_gbps(n_a * tp_a + n_e * tp_e) * 1e9
         lat = max(self.ha.link_latency_us, self.he.link_latency_us) * 1e-6
         per_row = c.top_k * c.activation_bytes / bw * np.maximum(1.0 / tp_a, n_a / n_e)

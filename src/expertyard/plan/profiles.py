@@ -40,6 +40,11 @@ class HardwareProfile:
     # the step header, sampling): step_overhead_us + step_overhead_per_seq_us * B; not in the paper's model
     step_overhead_us: float = 0.0
     step_overhead_per_seq_us: float = 0.0
+    # the runtime's per-layer work of one exchange that the kernel fits do not time (norm, router, packing,
+    # unpacking, combining, launch gaps): exchange_overhead_us + exchange_overhead_per_token_us * b per MoE
+    # layer and micro-batch of b tokens, half on each side (perf_model.py); not in the paper's model
+    exchange_overhead_us: float = 0.0
+    exchange_overhead_per_token_us: float = 0.0
     gpus_per_host: int = 8  # tensor parallelism stays inside a host; units up to this size use intra-host links
     usable_memory_fraction: float = 0.9  # of memory_gb, for weights + KV cache (the rest: activations, context)
     price_per_hour: float | None = None  # USD per GPU-hour, for throughput per cost (None: not ranked by cost)

@@ -156,3 +156,15 @@ def fit_step(points) -> tuple[Line, list[str]]:
         notes.append(f"fitted per-sequence part {line.slope * 1e6:.3f} us < 0: set to 0, fixed part = the mean")
         line = Line(0.0, max(0.0, float(ys.mean())))
     return line, notes
+
+
+def exchange_residuals(model, layers) -> list[tuple[int, float]]:
+    """[(b, T_layer(b) - modelled)]: one MoE layer of the null deployments (1 + 1 ranks, m = 1, b sequences)
+    beyond what `model` (a PerfModel without T_x, at the null runs' cache length) prices for it, T_a + T_e +
+    2 T_c of that layer. What is left is the runtime's own work around the exchange; may be negative (noise)."""
+    out = []
+    for b, layer in layers:
+        t_a, t_e, t_c, _ = model.times(1, 1, 1, 1, b)  # t_e, t_c: averaged over all layers by the MoE share
+        moe_layer = float(t_a) + (float(t_e) + 2 * float(t_c)) / model.moe_fraction
+        out.append((int(b), float(layer) - moe_layer))
+    return out

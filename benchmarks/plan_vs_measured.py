@@ -1,0 +1,55 @@
+"""Predicted vs measured decode TPOT: `expertyard plan predict` with calibrated profiles for every run of
+`expertyard bench --disaggregate` JSON results; prints a markdown table (docs/plan.md).
+
+    python benchmarks/plan_vs_measured.py --profiles A.json,B.json --model mixtral-8x7b --num-layers 8 \
+        RESULT.json[:CONTEXT] ...      (CONTEXT: mean cached tokens of the timed steps; default prompt + decode/2)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def predict(profile: str, model: str, layers: int, n_a: int, n_e: int, m: int, batch: int, context: int) -> float:
+    argv = [sys.executable, "-m", "expertyard.entrypoints.cli", "plan", "predict", "--synthetic", model,
+            "--num-layers", str(layers), "--attention-ranks", str(n_a), "--expert-ranks", str(n_e),
+            "--micro-batches", str(m), "--batch", str(batch), "--context-len", str(context), "--profile", profile,
+            "--json"]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["tpot_ms"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profiles", required=True, help="comma-separated profile JSONs, one column pair each")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--num-layers", type=int, required=True)
+    ap.add_argument("results", nargs="+")
+    args = ap.parse_args()
+    profiles = args.profiles.split(",")
+    head = "| GPUs | deployment, batch, context | m | measured TPOT ms |" + \
+        "".join(f" predicted ({Path(p).stem}) | measured / predicted |" for p in profiles)
+    print(head)
+    print("|---:|---|---:|---:|" + "---:|---:|" * len(profiles))
+    for spec in args.results:
+        path, _, ctx = spec.partition(":")
+        r = json.loads(Path(path).read_text())
+        n_a, n_e = r["attention_ranks"], r["expert_ranks"]
+        context = int(ctx) if ctx else r["prompt_len"] + r["decode_tokens"] // 2
+        for run in r["runs"]:
+            m, b = run["micro_batches"], run["batch"]
+            if b % (n_a * m):
+                continue  # the model takes batches divisible by n_a m only
+            cells = ""
+            for p in profiles:
+                t = predict(p, args.model, args.num_layers, n_a, n_e, m, b, context)
+                cells += f" {t:.2f} | {run['tpot_ms'] / t:.2f} |"
+            print(f"| {n_a + n_e} | {n_a} + {n_e}, {b}, {context} | {m} | {run['tpot_ms']:.2f} |{cells}")
+
+
+if __name__ == "__main__":
+    main()
