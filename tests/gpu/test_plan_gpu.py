@@ -27,7 +27,7 @@ def test_calibrated_lines_fit_the_points(calibrated):
     assert calibrated.kind == "calibrated" and "NVIDIA" in calibrated.gpu
     assert {f["module"] for f in calibrated.fits} >= {"attention", "experts"}
     for f in calibrated.fits:
-        if f["module"] == "step":  # differences of two TPOTs: test_step_term_from_null_deployments
+        if f["module"] in ("step", "exchange"):  # differences of TPOTs: test_step_term_from_null_deployments
             continue
         x, y = np.array(f["points"], dtype=np.float64).T
         slope, intercept = np.polyfit(x, y, 1)
@@ -66,3 +66,8 @@ def test_step_term_from_null_deployments(calibrated):
     assert all(t1 > 0 and t2 > 0 for _, t1, t2 in fit["null_tpots"]), fit["null_tpots"]
     assert 0.1e3 < calibrated.step_overhead_us < 50e3, calibrated.step_overhead_us
     assert calibrated.sources["step_overhead_us, step_overhead_per_seq_us"].startswith("measured")
+    # T_x from the same deployments: session 5 measured 250 us + 1.35 us per token on 2 x H200
+    exchange = next(f for f in calibrated.fits if f["module"] == "exchange")
+    assert [b for b, _ in exchange["points"]] == [16, 256, 1024]
+    assert calibrated.exchange_overhead_us + 1024 * calibrated.exchange_overhead_per_token_us < 20e3
+    assert calibrated.sources["exchange_overhead_us, exchange_overhead_per_token_us"].startswith("measured")

@@ -91,7 +91,8 @@ class DecodePieces:
         """Copy the plan into the static inputs (padding rows point at the scratch row); returns its out_rows."""
         b, bufs = plan.num_tokens, entry.bufs
         device = bufs["ids"].device
-        host = long_tensor(np.stack([plan.token_ids, plan.positions, plan.slots, plan.decode_context]), device)  # [4, b]
+        rows = np.stack([plan.token_ids, plan.positions, plan.slots, plan.decode_context])  # [4, b]
+        host = long_tensor(rows, device)
         for j, name in enumerate(("ids", "positions", "slots", "context_lens")):
             bufs[name][:b].copy_(host[j])
         self._pad(bufs, b)

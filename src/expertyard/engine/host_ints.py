@@ -8,8 +8,8 @@ import torch
 def long_tensor(values, device: torch.device) -> torch.Tensor:
     """`values` (a list or a numpy array of ints) as an int64 tensor on `device`. On CUDA the values are staged
     in pinned memory (torch's caching host allocator, which keeps the block until the copy is done), so the copy
-    is queued on the stream and the host goes on: from pageable memory cudaMemcpyAsync waits until the stream has drained (1.7 ms per copy on average
-    in a profile of the disaggregated step on an H200)."""
+    is queued on the stream and the host goes on: from pageable memory cudaMemcpyAsync waits until the stream
+    has drained (1.7 ms per copy on average in a profile of the disaggregated step on an H200)."""
     t = torch.as_tensor(values, dtype=torch.long)  # a numpy int64 array is shared, not copied
     if device.type != "cuda":
         return t.to(device)

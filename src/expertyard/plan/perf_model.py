@@ -238,7 +238,8 @@ def predict(model: PerfModel, dep: Deployment) -> Prediction:
     cost = cost_per_hour(model, dep)
     t_f = max(t_a, t_e)
     return Prediction(
-        deployment=dep, t_a=t_a, t_e=t_e, t_c=t_c, t_h=t_h, t_step=t_step, tpot=tpot, throughput=thr, per_gpu=thr / dep.gpus,
+        deployment=dep, t_a=t_a, t_e=t_e, t_c=t_c, t_h=t_h, t_step=t_step, tpot=tpot, throughput=thr,
+        per_gpu=thr / dep.gpus,
         per_dollar=None if cost is None else thr * 3600 / cost, attn_mem_bytes=attn_mem, expert_mem_bytes=exp_mem,
         fits_memory=attn_mem <= model.ha.usable_bytes and exp_mem <= model.he.usable_bytes,
         balance=abs(t_a - t_e) / t_f, comm_hidden=t_c < t_f, min_micro_batches=2 * (1 + t_c / t_f))
