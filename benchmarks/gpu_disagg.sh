@@ -2,7 +2,7 @@
 # Disaggregated expert parallelism (issue 6) in one device run, on 4 GPUs (docs/disaggregation.md):
 #   OUT=/tmp/out bash benchmarks/gpu_disagg.sh               (4 GPUs, NCCL, bf16; about 8 minutes)
 #   DEVICE=cpu OUT=/tmp/out bash benchmarks/gpu_disagg.sh    (the same steps at tiny sizes on CPU with gloo)
-#   STEPS=c OUT=/tmp/out bash benchmarks/gpu_disagg.sh       (only some of the steps below: any of a, b, c, d, e)
+#   STEPS=c OUT=/tmp/out bash benchmarks/gpu_disagg.sh       (only some of the steps below: any of a..f)
 # (a) the NCCL correctness matrix, (b) M2N dispatch/combine vs all_to_all_single, (c) decode per GPU:
 # ping-pong m=1..4 (2+2 and 3+1 ranks) vs colocated EP (m=1,2) on the same 4 GPUs, all with decode graphs on CUDA,
 # and 2+2 m=1 with --eager-decode for reference; (d) the same comparison at a large batch of a model with few,
@@ -26,6 +26,8 @@ if [ "$DEVICE" = cuda ]; then
   SIZES=4KB,16KB,64KB,256KB,1MB,4MB,8MB
   BIG=(--synthetic mixtral-8x7b --num-layers 8 --dtype bfloat16 --batch-sizes 2048 --prompt-len 256 --decode-tokens 32)
   LONG=(--synthetic mixtral-8x7b --num-layers 8 --dtype bfloat16 --batch-sizes 2048 --prompt-len 1024 --decode-tokens 32)
+  NULL=(--synthetic mixtral-8x7b --num-layers 2 --dtype bfloat16 --batch-sizes 1024 --prompt-len 32 --decode-tokens 48)
+  WINDOW=70:72  # engine steps: 2 prefill + 47 decode (warm-up pass), then 2 + 47 timed
 else
   TESTS=(tests/test_disagg_cpu.py -k "tiny-disaggregated-2x2 or tiny-colocated-2x2")
   MODEL=()   # the bundled model
@@ -33,6 +35,8 @@ else
   SIZES=4KB,64KB
   BIG=(--batch-sizes 16 --prompt-len 8 --decode-tokens 4)
   LONG=(--batch-sizes 16 --prompt-len 32 --decode-tokens 4)
+  NULL=(--batch-sizes 8 --prompt-len 8 --decode-tokens 8)
+  WINDOW=10:12
 fi
 
 if [[ $STEPS == *a* ]]; then
@@ -109,4 +113,10 @@ echo "== (e) decode on 4 ranks, large batch, longer context (attention time ~ ex
 bench long_pingpong_2x2 "${LONG[@]}" --mode disaggregated --attention-ranks 2 --expert-ranks 2 --micro-batches 1,2
 bench long_colocated_4 "${LONG[@]}" --mode colocated --attention-ranks 2 --expert-ranks 2 --micro-batches 1,2
 table long_
+fi
+
+if [[ $STEPS == *f* ]]; then
+echo "== (f) where the exchange term goes: profiled 1 + 1, batch 1,024" | tee -a "$LOG"
+EXPERTYARD_PROFILE_STEPS=$WINDOW EXPERTYARD_PROFILE_DIR="$OUT" \
+  bench profiled_1x1 "${NULL[@]}" --mode disaggregated --attention-ranks 1 --expert-ranks 1 --micro-batches 1
 fi
