@@ -1,4 +1,5 @@
-"""plan_step (array code) against the straightforward loop over spans it replaced, on random steps."""
+"""plan_step's two implementations of the split (a loop for small steps, array code for large ones) against each
+other and against what the split must mean, on random steps."""
 
 from __future__ import annotations
 
@@ -7,48 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from expertyard.disagg.config import DisaggConfig
-from expertyard.disagg.step_plan import owner, plan_step
+from expertyard.disagg.step_plan import SMALL_STEP_SPANS, _split_arrays, _split_loop, plan_step
 from expertyard.engine.sampling_params import SamplingParams
 from expertyard.engine.scheduler import ScheduledSpan, ScheduledStep
 from expertyard.engine.sequence import Sequence
-
-
-def loop_plan(step: ScheduledStep, cfg: DisaggConfig, max_num_seqs: int, all_logits: bool, m: int):
-    """The reference: one span at a time. -> (plans as plain lists, [(rank, returned row)] per output row)."""
-    ranks = cfg.attention_ranks
-    per_rank = [[] for _ in range(ranks)]
-    for span in step.spans:
-        per_rank[owner(cfg, span.seq.slot, max_num_seqs)[0]].append(span)
-    prefill_ids = {id(s) for s in step.prefills}
-    plans, returned, where = [], [0] * ranks, {}
-    for rank, spans in enumerate(per_rank):
-        total = sum(s.length for s in spans)
-        mbs = [{"token_ids": [], "positions": [], "slots": [], "prefills": [], "decode_context": [], "out_rows": []}
-               for _ in range(m)]
-        offset = 0
-        for span in spans:
-            mb = mbs[min(m - 1, offset * m // total)]
-            offset += span.length
-            local = owner(cfg, span.seq.slot, max_num_seqs)[1]
-            first = len(mb["token_ids"])
-            mb["token_ids"] += span.seq.token_ids[span.start:span.start + span.length]
-            mb["positions"] += range(span.start, span.start + span.length)
-            mb["slots"] += [local] * span.length
-            if id(span) in prefill_ids:
-                mb["prefills"].append((local, span.start, span.length, first))
-            else:
-                mb["decode_context"].append(span.start + 1)
-            rows = list(range(first, first + span.length)) if all_logits else \
-                ([first + span.length - 1] if span.samples else [])
-            where[id(span)] = (rank, returned[rank])
-            returned[rank] += len(rows)
-            mb["out_rows"] += rows
-        plans.append(mbs)
-    order = []
-    for span in step.spans:
-        rank, first = where[id(span)]
-        order += [(rank, first + j) for j in range(span.length if all_logits else int(span.samples))]
-    return plans, order
 
 
 @st.composite
@@ -78,21 +41,43 @@ def steps(draw):
 
 @settings(max_examples=300, deadline=None)
 @given(steps())
-def test_plan_step_equals_the_loop_over_spans(case):
+def test_the_loop_and_the_array_code_split_every_step_alike(case):
+    """Two independent implementations of one split (the loop serves small steps, the arrays large ones)."""
     step, cfg, max_num_seqs, all_logits, m = case
-    header, gather = plan_step(step, cfg, max_num_seqs, all_logits, m)
-    plans, order = loop_plan(step, cfg, max_num_seqs, all_logits, m)
-    assert len(header.plans) == cfg.attention_ranks
-    for got_mbs, want_mbs in zip(header.plans, plans):
-        assert len(got_mbs) == m
-        for got, want in zip(got_mbs, want_mbs):
+    loop_plans, loop_gather = _split_loop(step, cfg, max_num_seqs, all_logits, m)
+    array_plans, array_gather = _split_arrays(step, cfg, max_num_seqs, all_logits, m)
+    assert len(loop_plans) == len(array_plans) == cfg.attention_ranks
+    for a_mbs, b_mbs in zip(loop_plans, array_plans):
+        assert len(a_mbs) == len(b_mbs) == m
+        for a, b in zip(a_mbs, b_mbs):
             for name in ("token_ids", "positions", "slots", "decode_context", "out_rows"):
-                assert getattr(got, name).tolist() == want[name], name
-            assert got.prefills == want["prefills"]
-    counts = [sum(len(mb["out_rows"]) for mb in mbs) for mbs in plans]
-    offsets = np.cumsum([0] + counts)
-    assert gather.tolist() == [int(offsets[r]) + j for r, j in order]
-    assert header.capacity == cfg.capacity(max(len(mb["token_ids"]) for mbs in plans for mb in mbs))
+                assert getattr(a, name).tolist() == getattr(b, name).tolist(), name
+            assert a.prefills == b.prefills
+    assert loop_gather.tolist() == array_gather.tolist()
+    # what the split means: every span's tokens, once, on its owner rank, and output row j is span j's
+    returned = [np.concatenate([mb.token_ids[mb.out_rows] for mb in mbs]) for mbs in array_plans]
+    by_row = np.concatenate(returned)[array_gather] if array_gather.size else np.zeros(0, dtype=np.int64)
+    want = [t for s in step.spans
+            for t in (s.seq.token_ids[s.start:s.start + s.length] if all_logits else
+                      s.seq.token_ids[s.start + s.length - 1:s.start + s.length] if s.samples else [])]
+    assert by_row.tolist() == want
+    tokens = sorted(t for mbs in array_plans for mb in mbs for t in mb.token_ids.tolist())
+    assert tokens == sorted(t for s in step.spans for t in s.seq.token_ids[s.start:s.start + s.length])
+
+
+def test_plan_step_takes_the_array_code_past_the_small_step_size():
+    cfg = DisaggConfig(attention_ranks=2, expert_ranks=1, micro_batches=3)
+    n = SMALL_STEP_SPANS + 5
+    decodes = []
+    for slot in range(n):
+        seq = Sequence(list(range(slot % 7 + 2)), SamplingParams())
+        seq.slot = slot
+        decodes.append(ScheduledSpan(seq, len(seq.token_ids) - 1, 1))
+    step = ScheduledStep([], decodes)
+    header, gather = plan_step(step, cfg, n)
+    plans, want = _split_arrays(step, cfg, n, False, 3)
+    assert gather.tolist() == want.tolist() and len(gather) == n
+    assert header.capacity == cfg.capacity(max(mb.num_tokens for mbs in plans for mb in mbs))
 
 
 def test_a_decode_step_for_graphs_names_its_longest_context():

@@ -82,6 +82,9 @@ def graph_capacities(cfg: DisaggConfig, max_num_seqs: int) -> list[int]:
     return sorted({cfg.capacity(b) for b in buckets(limit, [1, 2, 4, 8, 16, 24, 32, 48, 64])})
 
 
+SMALL_STEP_SPANS = 96  # up to this many spans the plain loop is faster than the array code's fixed ~0.2 ms
+
+
 def plan_step(step: ScheduledStep, cfg: DisaggConfig, max_num_seqs: int, all_logits: bool = False,
               micro_batches: int | None = None, graphs: bool = False) -> tuple[StepHeader, np.ndarray]:
     """-> (header, gather): output row j of the step (one per sampling span in step order, or one per token with
@@ -89,9 +92,61 @@ def plan_step(step: ScheduledStep, cfg: DisaggConfig, max_num_seqs: int, all_log
     `micro_batches` overrides cfg.micro_batches for this step. With `graphs`, a decode-only step is marked for
     the attention ranks' CUDA graphs and its capacity rounded up to a graph bucket.
 
-    Array code over spans, not a loop per sequence: at 2,048 decoding sequences the loop took 5.4 ms of the
-    driver's serial host time per step (a CPU core, tests/test_step_plan.py has it as the reference)."""
-    m, ranks = micro_batches or cfg.micro_batches, cfg.attention_ranks
+    Two implementations of one split (tests/test_step_plan.py checks both against a reference): a loop over
+    spans for small steps, array code for large ones: at 2,048 decoding sequences the loop took 5.4 ms of the
+    driver's serial host time per step (a CPU core), the array code ~1 ms; at one sequence ~10 us against ~0.2 ms."""
+    m = micro_batches or cfg.micro_batches
+    split = _split_loop if len(step.spans) <= SMALL_STEP_SPANS else _split_arrays
+    plans, gather = split(step, cfg, max_num_seqs, all_logits, m)
+    capacity = cfg.capacity(max(mb.num_tokens for mbs in plans for mb in mbs))
+    if not (graphs and step.spans and not step.prefills and not all_logits):
+        return StepHeader("step", capacity, m, plans), gather
+    capacity = next(c for c in graph_capacities(cfg, max_num_seqs) if c >= capacity)
+    decode_len = max(s.start for s in step.spans) + 1
+    return StepHeader("step", capacity, m, plans, graphs=True, decode_len=decode_len), gather
+
+
+def _split_loop(step: ScheduledStep, cfg: DisaggConfig, max_num_seqs: int, all_logits: bool,
+                m: int) -> tuple[list[list[MicroBatchPlan]], np.ndarray]:
+    """The split one span at a time (small steps)."""
+    ranks = cfg.attention_ranks
+    per_rank: list[list] = [[] for _ in range(ranks)]
+    for span in step.spans:
+        per_rank[owner(cfg, span.seq.slot, max_num_seqs)[0]].append(span)
+    num_prefills = len(step.prefills)
+    is_prefill = {id(s) for s in step.spans[:num_prefills]}
+    plans, returned, first_row = [], 0, {}  # id(span) -> its first row among all ranks' returned rows
+    for spans in per_rank:
+        lists = [([], [], [], [], [], []) for _ in range(m)]  # ids, positions, slots, prefills, contexts, rows
+        total, offset = sum(s.length for s in spans), 0
+        for span in spans:  # micro-batch index never decreases: rows come back in span order
+            ids, positions, slots, prefills, contexts, rows = lists[min(m - 1, offset * m // total)]
+            offset += span.length
+            local = owner(cfg, span.seq.slot, max_num_seqs)[1]
+            first = len(ids)
+            ids += span.seq.token_ids[span.start:span.start + span.length]
+            positions += range(span.start, span.start + span.length)
+            slots += [local] * span.length
+            if id(span) in is_prefill:
+                prefills.append((local, span.start, span.length, first))
+            else:
+                contexts.append(span.start + 1)
+            out = range(first, first + span.length) if all_logits else \
+                ([first + span.length - 1] if span.samples else [])
+            first_row[id(span)] = returned
+            returned += len(out)
+            rows += out
+        as_ints = lambda v: np.array(v, dtype=np.int64)  # noqa: E731
+        plans.append([MicroBatchPlan(as_ints(i), as_ints(p), as_ints(sl), pre, as_ints(c), as_ints(r))
+                      for i, p, sl, pre, c, r in lists])
+    gather = [first_row[id(s)] + j for s in step.spans for j in range(s.length if all_logits else int(s.samples))]
+    return plans, np.array(gather, dtype=np.int64)
+
+
+def _split_arrays(step: ScheduledStep, cfg: DisaggConfig, max_num_seqs: int, all_logits: bool,
+                  m: int) -> tuple[list[list[MicroBatchPlan]], np.ndarray]:
+    """The split as array code over spans (large steps)."""
+    ranks = cfg.attention_ranks
     spans = step.spans
     n = len(spans)
     ints = lambda values: np.fromiter(values, dtype=np.int64, count=n)  # noqa: E731  [n]
@@ -148,11 +203,7 @@ def plan_step(step: ScheduledStep, cfg: DisaggConfig, max_num_seqs: int, all_log
     owner_span = np.repeat(np.arange(n), per_span)
     gather = span_first[owner_span] + np.arange(len(owner_span)) - _exclusive_cumsum(per_span)[owner_span]
 
-    capacity = cfg.capacity(int(group_tokens.max(initial=0)))
-    if not (graphs and n and not step.prefills and not all_logits):
-        return StepHeader("step", capacity, m, plans), gather
-    capacity = next(c for c in graph_capacities(cfg, max_num_seqs) if c >= capacity)
-    return StepHeader("step", capacity, m, plans, graphs=True, decode_len=int(start.max()) + 1), gather
+    return plans, gather
 
 
 def _exclusive_cumsum(a: np.ndarray) -> np.ndarray:
