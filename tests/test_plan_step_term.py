@@ -126,6 +126,8 @@ def test_calibrate_without_the_step_term_says_why(capsys, tmp_path):
     profile = load_profile(path)
     assert (profile.step_overhead_us, profile.step_overhead_per_seq_us) == (0, 0)
     assert "not measured (CPU run" in profile.sources["step_overhead_us, step_overhead_per_seq_us"]
+    assert "not measured" in profile.sources["exchange_overhead_us, exchange_overhead_per_token_us"]
+    assert (profile.exchange_overhead_us, profile.exchange_overhead_per_token_us) == (0, 0)
     assert all(f["module"] != "step" for f in profile.fits)
     capsys.readouterr()
     assert main(["plan", "calibrate", "--device", "cpu", "--out", str(path), "--no-step-term",

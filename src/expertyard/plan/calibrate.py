@@ -286,6 +286,9 @@ def _with_step_term(profile: HardwareProfile, costs, null: dict | None, reason: 
     if null is None:
         sources[STEP_KEY] = (f"base profile {base_name} ({profile.step_overhead_us:g} us + "
                              f"{profile.step_overhead_per_seq_us:g} us per sequence): not measured ({reason})")
+        sources[EXCHANGE_KEY] = (f"base profile {base_name} ({profile.exchange_overhead_us:g} us + "
+                                 f"{profile.exchange_overhead_per_token_us:g} us per token): not measured, it comes "
+                                 f"from the step term's null deployments ({reason})")
         return replace(profile, sources=sources)
     head = PerfModel(costs, profile, profile).head_line(1)
     points, layers = solve_step(null["tpots"], head)
