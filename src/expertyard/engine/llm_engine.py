@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from expertyard.engine.detokenizer import IncrementalDetokenizer
 from expertyard.engine.model_runner import ModelRunner
 from expertyard.engine.sampler import sample, top_logprobs
 from expertyard.engine.sampling_params import SamplingParams
@@ -51,6 +52,7 @@ class LLMEngine:
                                   self.dtype, cuda_graphs)
         self.eos_token_ids = eos_token_ids if eos_token_ids is not None else _eos_ids(loaded.path, tokenizer)
         self.generators: dict[int, torch.Generator] = {}
+        self.detokenizers: dict[int, IncrementalDetokenizer] = {}  # seq_id -> its output text so far
         self.last_step = None  # the latest ScheduledStep (for logs)
 
     # ---- requests -------------------------------------------------------------------------------------
@@ -88,6 +90,7 @@ class LLMEngine:
         if not seq.finished:
             self.scheduler.finish(seq, "abort")
             self.generators.pop(seq.seq_id, None)
+            self.detokenizers.pop(seq.seq_id, None)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -124,18 +127,22 @@ class LLMEngine:
         reason = None
         if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
             reason = "stop"
-        if self.tokenizer is not None:
-            out = seq.output_token_ids
-            seq.text = self.tokenizer.decode(out[:-1] if reason else out, skip_special_tokens=True)
-            for s in p.stop:
-                if (i := seq.text.find(s)) >= 0:
-                    seq.text, reason = seq.text[:i], "stop"
         num_output = len(seq.token_ids) - seq.num_prompt_tokens  # (output_token_ids would copy the list)
         if reason is None and (num_output >= p.max_tokens or len(seq.token_ids) >= self.max_model_len):
             reason = "length"
+        if self.tokenizer is not None:
+            detok = self.detokenizers.setdefault(seq.seq_id, IncrementalDetokenizer(self.tokenizer))
+            out = seq.output_token_ids
+            if reason == "stop":
+                out = out[:-1]  # the stop token is not part of the text
+            seq.text = detok.final(out) if reason is not None else detok.update(out)
+            for s in p.stop:
+                if (i := seq.text.find(s)) >= 0:
+                    seq.text, reason = seq.text[:i], "stop"
         if reason is not None:
             self.scheduler.finish(seq, reason)
             self.generators.pop(seq.seq_id, None)
+            self.detokenizers.pop(seq.seq_id, None)
 
     def generate(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None,
                  progress=None) -> list[Sequence]:
