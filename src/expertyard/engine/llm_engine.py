@@ -131,7 +131,9 @@ class LLMEngine:
         if reason is None and (num_output >= p.max_tokens or len(seq.token_ids) >= self.max_model_len):
             reason = "length"
         if self.tokenizer is not None:
-            detok = self.detokenizers.setdefault(seq.seq_id, IncrementalDetokenizer(self.tokenizer))
+            detok = self.detokenizers.get(seq.seq_id)
+            if detok is None:
+                detok = self.detokenizers[seq.seq_id] = IncrementalDetokenizer(self.tokenizer)
             out = seq.output_token_ids
             if reason == "stop":
                 out = out[:-1]  # the stop token is not part of the text
