@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Issue 6, deployment planning: calibrate the plan profile on this GPU (attention step, fused_moe, and NCCL
-# send/recv when two GPUs are visible), plan with it, and run the plan's GPU tests. Under 2 minutes on one H200:
+# Issue 6, deployment planning: calibrate the plan profile on this GPU (attention step, fused_moe, and, when two
+# GPUs are visible, NCCL send/recv and the null deployments of T_step and T_x), plan with it, and run the plan's
+# GPU tests. Under 2 minutes on one H200, about a minute more with two GPUs:
 #   OUT=/tmp/out bash benchmarks/gpu_plan_calibrate.sh
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
