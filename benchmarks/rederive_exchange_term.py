@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from expertyard.plan.calibrate import _with_exchange_term
+from expertyard.plan.calibrate import with_exchange_term
 from expertyard.plan.model_costs import model_costs
 from expertyard.plan.model_specs import model_config_for
 from expertyard.plan.profiles import load_profile
@@ -28,7 +28,7 @@ def main() -> None:
     step = next(f for f in profile.fits if f["module"] == "step")
     null = {"note": None, "prompt_len": step["prompt_len"], "decode_tokens": step["decode_tokens"]}
     elt = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
-    out = _with_exchange_term(profile, model_costs(model_config_for(args.synthetic), elt), null,
+    out = with_exchange_term(profile, model_costs(model_config_for(args.synthetic), elt), null,
                               [tuple(p) for p in step["layer"]])
     args.out.write_text(out.to_json() + "\n")
     print(f"{args.out}: T_x(b) = {out.exchange_overhead_us:.1f} us + {out.exchange_overhead_per_token_us:.3f} us * b")

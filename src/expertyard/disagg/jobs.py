@@ -40,26 +40,29 @@ def decode_throughput(engine: LLMEngine, batch: int, prompt_len: int, decode_tok
     prompts = torch.randint(0, engine.model_config.vocab_size, (batch, prompt_len), generator=gen).tolist()
     params = SamplingParams(temperature=0, max_tokens=decode_tokens, ignore_eos=True)
     out = {}
-    engine.scheduler.prefill_first = True
-    for m in ms:
-        engine.runner.micro_batches = m
-        for timed in (False, True):
-            seqs = [engine.add_request(p, params) for p in prompts]
-            while any(not s.output_token_ids for s in seqs):
-                engine.step()  # prefill
-            _sync(engine)
-            before = sum(len(s.output_token_ids) for s in seqs)
-            t0 = time.perf_counter()
-            steps = 0
-            while engine.has_unfinished():
-                engine.step()
-                steps += 1
-            _sync(engine)
-            dt = time.perf_counter() - t0
-            assert all(len(s.output_token_ids) == decode_tokens for s in seqs)
-        assert before == batch, f"{before} tokens were generated before the timed decode steps, not one per prompt"
-        generated = batch * decode_tokens - before
-        out[m] = {"decode_tokens_per_s": generated / dt, "tpot_ms": 1e3 * dt / steps, "steps": steps}
+    held, engine.scheduler.prefill_first = engine.scheduler.prefill_first, True
+    try:
+        for m in ms:
+            engine.runner.micro_batches = m
+            for timed in (False, True):
+                seqs = [engine.add_request(p, params) for p in prompts]
+                while any(not s.output_token_ids for s in seqs):
+                    engine.step()  # prefill
+                _sync(engine)
+                before = sum(len(s.output_token_ids) for s in seqs)
+                t0 = time.perf_counter()
+                steps = 0
+                while engine.has_unfinished():
+                    engine.step()
+                    steps += 1
+                _sync(engine)
+                dt = time.perf_counter() - t0
+                assert all(len(s.output_token_ids) == decode_tokens for s in seqs)
+            assert before == batch, f"{before} tokens were generated before the timed decode steps, not one per prompt"
+            generated = batch * decode_tokens - before
+            out[m] = {"decode_tokens_per_s": generated / dt, "tpot_ms": 1e3 * dt / steps, "steps": steps}
+    finally:
+        engine.scheduler.prefill_first = held
     return out
 
 

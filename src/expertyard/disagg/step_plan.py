@@ -92,9 +92,9 @@ def plan_step(step: ScheduledStep, cfg: DisaggConfig, max_num_seqs: int, all_log
     `micro_batches` overrides cfg.micro_batches for this step. With `graphs`, a decode-only step is marked for
     the attention ranks' CUDA graphs and its capacity rounded up to a graph bucket.
 
-    Two implementations of one split (tests/test_step_plan.py checks both against a reference): a loop over
-    spans for small steps, array code for large ones: at 2,048 decoding sequences the loop took 5.4 ms of the
-    driver's serial host time per step (a CPU core), the array code ~1 ms; at one sequence ~10 us against ~0.2 ms."""
+    Two implementations of one split (tests/test_step_plan.py checks them against each other and against what the
+    split must mean): a loop over spans for small steps, array code for large ones, because the loop grows with
+    the sequences and the array code has a fixed cost (`python benchmarks/bench_host_step.py`)."""
     m = micro_batches or cfg.micro_batches
     split = _split_loop if len(step.spans) <= SMALL_STEP_SPANS else _split_arrays
     plans, gather = split(step, cfg, max_num_seqs, all_logits, m)
@@ -113,8 +113,7 @@ def _split_loop(step: ScheduledStep, cfg: DisaggConfig, max_num_seqs: int, all_l
     per_rank: list[list] = [[] for _ in range(ranks)]
     for span in step.spans:
         per_rank[owner(cfg, span.seq.slot, max_num_seqs)[0]].append(span)
-    num_prefills = len(step.prefills)
-    is_prefill = {id(s) for s in step.spans[:num_prefills]}
+    is_prefill = {id(s) for s in step.prefills}
     plans, returned, first_row = [], 0, {}  # id(span) -> its first row among all ranks' returned rows
     for spans in per_rank:
         lists = [([], [], [], [], [], []) for _ in range(m)]  # ids, positions, slots, prefills, contexts, rows
@@ -161,16 +160,16 @@ def _split_arrays(step: ScheduledStep, cfg: DisaggConfig, max_num_seqs: int, all
     by_rank = np.argsort(rank, kind="stable")
     rank_s, len_s = rank[by_rank], length[by_rank]
     rank_tokens = np.bincount(rank_s, weights=len_s, minlength=ranks).astype(np.int64)  # [ranks]
-    rank_first_token = _exclusive_cumsum(rank_tokens)
-    offset = _exclusive_cumsum(len_s) - rank_first_token[rank_s]  # tokens of the rank before the span
+    span_first_token = _exclusive_cumsum(len_s)  # [n] in by_rank order
+    offset = span_first_token - _exclusive_cumsum(rank_tokens)[rank_s]  # tokens of the rank before the span
     mb = np.minimum(m - 1, offset * m // np.maximum(rank_tokens[rank_s], 1))  # never decreases inside a rank
     group = rank_s * m + mb  # [n] sorted: spans in by_rank order are grouped by (rank, micro-batch)
     group_tokens = np.bincount(group, weights=len_s, minlength=ranks * m).astype(np.int64)  # [ranks * m]
-    first = _exclusive_cumsum(len_s) - _exclusive_cumsum(group_tokens)[group]  # span's first row in its mb
+    first = span_first_token - _exclusive_cumsum(group_tokens)[group]  # span's first row in its micro-batch
 
     # tokens, in by_rank span order
     span_of_token = np.repeat(np.arange(n), len_s)  # [T] index into by_rank order
-    within = np.arange(len(span_of_token)) - _exclusive_cumsum(len_s)[span_of_token]  # token index in its span
+    within = np.arange(len(span_of_token)) - span_first_token[span_of_token]  # token index in its span
     src = by_rank[span_of_token]  # [T] span (step order) of each token
     token_ids = np.fromiter(chain.from_iterable(spans[i].seq.token_ids[spans[i].start:spans[i].start + spans[i].length]
                                                 for i in by_rank), dtype=np.int64, count=len(src))
@@ -183,10 +182,10 @@ def _split_arrays(step: ScheduledStep, cfg: DisaggConfig, max_num_seqs: int, all
         (samples[src].astype(bool) & (within == len_s[span_of_token] - 1))  # [T]
     cut = np.cumsum(group_tokens)[:-1]
     token_groups = zip(*(np.split(a, cut) for a in (token_ids, positions, slots, row_in_mb, returned)))
-    decode_s = ~prefill[by_rank]
     span_cut = np.cumsum(np.bincount(group, minlength=ranks * m))[:-1]
-    span_groups = zip(np.split(np.flatnonzero(decode_s), np.searchsorted(np.flatnonzero(decode_s), span_cut)),
-                      np.split(np.flatnonzero(~decode_s), np.searchsorted(np.flatnonzero(~decode_s), span_cut)))
+    dec_at, pre_at = np.flatnonzero(~prefill[by_rank]), np.flatnonzero(prefill[by_rank])  # by_rank positions
+    span_groups = zip(np.split(dec_at, np.searchsorted(dec_at, span_cut)),
+                      np.split(pre_at, np.searchsorted(pre_at, span_cut)))
     plans: list[list[MicroBatchPlan]] = [[] for _ in range(ranks)]
     for g, ((ids, pos, sl, rows, ret), (dec, pre)) in enumerate(zip(token_groups, span_groups)):
         plans[g // m].append(MicroBatchPlan(

@@ -305,13 +305,13 @@ def _with_step_term(profile: HardwareProfile, costs, null: dict | None, reason: 
     sources[STEP_KEY] = "; ".join([how, *notes, *([null["note"]] if null["note"] else [])])
     profile = replace(profile, step_overhead_us=line.intercept * 1e6, step_overhead_per_seq_us=line.slope * 1e6,
                       sources=sources, fits=[*profile.fits, record])
-    return _with_exchange_term(profile, costs, null, layers)
+    return with_exchange_term(profile, costs, null, layers)
 
 
 EXCHANGE_KEY = "exchange_overhead_us, exchange_overhead_per_token_us"
 
 
-def _with_exchange_term(profile: HardwareProfile, costs, null: dict, layers) -> HardwareProfile:
+def with_exchange_term(profile: HardwareProfile, costs, null: dict, layers) -> HardwareProfile:
     """`profile` with T_x(b): what one MoE layer of the null deployments took (T_layer = TPOT(L2) - TPOT(L1))
     beyond the kernel fits' T_a + T_e + 2 T_c at the same batch and cache length, fitted over b."""
     from expertyard.plan.perf_model import PerfModel, Workload
