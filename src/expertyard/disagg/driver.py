@@ -26,6 +26,7 @@ from expertyard.disagg.step_profiler import StepProfiler
 from expertyard.disagg.transport import Exchanger
 from expertyard.engine.host_ints import long_tensor
 from expertyard.engine.scheduler import ScheduledStep
+from expertyard.engine.step_timer import STEP_TIMER
 from expertyard.errors import DeploymentDownError
 from expertyard.models.base import CausalLM
 
@@ -112,18 +113,32 @@ class DistributedRunner:
                                        graphs=self.attention.pieces is not None)
             counts = [sum(len(mb.out_rows) for mb in plans) for plans in header.plans]
             index = long_tensor(gather, self.attention.device)  # [N]
+        STEP_TIMER.mark("plan")
         with self._lock:
             with record_function("expertyard.broadcast"):
                 self._broadcast(header)
+            STEP_TIMER.mark("broadcast")
+            begin = self._device_event()
             try:
                 with record_function("expertyard.layers"):
                     own = self.attention.run(header)  # [n_0, D]
+                STEP_TIMER.mark("layers (enqueue)")
                 with record_function("expertyard.gather"):
                     hidden = self._gather(counts, own).index_select(0, index)  # [N, D]
             except DeploymentDownError as e:
                 self.down_reason = str(e)
                 raise
-        return self.attention.model.compute_logits(hidden)
+        logits = self.attention.model.compute_logits(hidden)  # [N, V]
+        if begin is not None:
+            STEP_TIMER.device_span(begin, self._device_event())
+        return logits
+
+    def _device_event(self) -> torch.cuda.Event | None:
+        if not (STEP_TIMER.enabled and self.attention.device.type == "cuda"):
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     def _gather(self, counts: list[int], own: torch.Tensor) -> torch.Tensor:
         """Rank 0's rows, then each other attention rank's (sizes known from the plan): [sum(counts), D]."""

@@ -13,6 +13,7 @@ from expertyard.engine.sampler import sample, top_logprobs
 from expertyard.engine.sampling_params import SamplingParams
 from expertyard.engine.scheduler import Scheduler
 from expertyard.engine.sequence import Sequence
+from expertyard.engine.step_timer import STEP_TIMER
 from expertyard.errors import ConfigError, RequestError
 from expertyard.loader.load import LoadedModel
 
@@ -98,11 +99,15 @@ class LLMEngine:
     # ---- the loop -------------------------------------------------------------------------------------
     def step(self) -> list[Sequence]:
         """Run one step; returns the sequences that got a token (finished ones have finish_reason set)."""
+        STEP_TIMER.start()
         step = self.scheduler.schedule()
         self.last_step = step
         if not step.spans:
             return []
+        STEP_TIMER.kind_of_step("prefill" if step.prefills else "decode")
+        STEP_TIMER.mark("schedule")
         logits = self.runner.run(step)  # [N, V]
+        STEP_TIMER.mark("run (rest)")
         sampling = [s for s in step.spans if s.samples]
         params = [s.seq.params for s in sampling]
         tokens = sample(logits, params, [self.generators.get(s.seq.seq_id) for s in sampling])
@@ -110,6 +115,7 @@ class LLMEngine:
         if want_logprobs is not None:
             chosen, top_v, top_i = (t.tolist() for t in top_logprobs(logits, tokens, want_logprobs))
         tokens = tokens.tolist()  # the one host sync of a step
+        STEP_TIMER.mark("sample + sync")
         for span in step.spans:
             span.seq.num_computed += span.length
         for row, span in enumerate(sampling):
@@ -120,6 +126,7 @@ class LLMEngine:
                 seq.logprobs.append({"token": tokens[row], "logprob": chosen[row],
                                      "top": list(zip(top_i[row][:n], top_v[row][:n]))})
             self._check_finished(seq)
+        STEP_TIMER.mark("post-process")
         return [s.seq for s in sampling]
 
     def _check_finished(self, seq: Sequence) -> None:
