@@ -50,8 +50,9 @@ def _reference(source_name: str) -> tuple[list[list[int]], dict]:
     return prompts, jobs.greedy(engine, prompts, MAX_TOKENS)
 
 
-def _assert_matches(got: dict, ref: dict) -> None:
-    assert got["tokens"] == ref["tokens"]
+def _assert_matches(got: dict, ref: dict, key=None) -> None:
+    """`key`: (m, async scheduling) of the run, named when it fails."""
+    assert got["tokens"] == ref["tokens"], key
     for a, b in zip(got["logprobs"], ref["logprobs"]):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(torch.tensor(got["prompt_logprobs"]), torch.tensor(ref["prompt_logprobs"]),
@@ -126,9 +127,9 @@ def test_deployment_matches_single_process(source_name, cfg, replicate, ms):
     settings = EngineSettings(max_num_seqs=4, max_model_len=64, replicate=replicate)
     job = functools.partial(jobs.greedy_each_m, prompts=prompts, max_tokens=MAX_TOKENS, ms=ms)
     results = launch_local(cfg, source, settings, "cpu", torch.float32, job, torch_threads=1)
-    assert sorted(results) == ms
-    for m in ms:
-        _assert_matches(results[m], ref)
+    assert sorted(results) == [(m, a) for m in ms for a in (False, True)]  # async scheduling off and on
+    for key, got in results.items():
+        _assert_matches(got, ref, key)
 
 
 PIECE_CASES = [  # the CUDA-graph split of decode steps (decode_pieces.py), run as plain functions on CPU
@@ -147,8 +148,8 @@ def test_decode_pieces_match_single_process(source_name, cfg, replicate, ms):
     settings = EngineSettings(max_num_seqs=4, max_model_len=64, replicate=replicate, decode_graphs=True)
     job = functools.partial(jobs.greedy_each_m, prompts=prompts, max_tokens=MAX_TOKENS, ms=ms)
     results = launch_local(cfg, SOURCES[source_name], settings, "cpu", torch.float32, job, torch_threads=1)
-    for m in ms:
-        _assert_matches(results[m], ref)
+    for key, got in results.items():
+        _assert_matches(got, ref, key)
 
 
 def _warm_then_greedy(engine, prompts, max_tokens):

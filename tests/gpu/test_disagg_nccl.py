@@ -64,14 +64,14 @@ def test_nccl_deployment_matches_single_gpu(source_name, cfg, ms, dtype_name):
     job = functools.partial(jobs.greedy_each_m, prompts=prompts, max_tokens=MAX_TOKENS, ms=ms)
     results = launch_local(cfg, SOURCES[source_name], EngineSettings(max_num_seqs=4, max_model_len=64), "cuda",
                            DTYPES[dtype_name], job)
-    for m in ms:
-        got = results[m]
+    assert sorted(results) == [(m, a) for m in ms for a in (False, True)]  # async scheduling off and on
+    for (m, a), got in results.items():
         if dtype_name == "float32":
-            assert got["tokens"] == ref["tokens"], f"m={m}"
+            assert got["tokens"] == ref["tokens"], f"m={m}, async scheduling {a}"
             for a, b in zip(got["logprobs"], ref["logprobs"]):
                 torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-3, rtol=1e-3)
             tol = dict(atol=1e-3, rtol=1e-3)
         else:
-            assert [t[0] for t in got["tokens"]] == [t[0] for t in ref["tokens"]], f"m={m}"
+            assert [t[0] for t in got["tokens"]] == [t[0] for t in ref["tokens"]], f"m={m}, async scheduling {a}"
             tol = dict(atol=0.15, rtol=0.05)
         torch.testing.assert_close(torch.tensor(got["prompt_logprobs"]), torch.tensor(ref["prompt_logprobs"]), **tol)

@@ -16,6 +16,7 @@ import torch
 from expertyard.disagg.config import DisaggConfig
 from expertyard.disagg.launch import exit_now, launch_local, rank_main
 from expertyard.disagg.worker import EngineSettings, ModelSource
+from expertyard.entrypoints.common import async_scheduling
 from expertyard.errors import ConfigError, DeploymentDownError
 
 
@@ -110,7 +111,8 @@ def serve_job(engine, args) -> int:
 def serve(args) -> int:
     settings = EngineSettings(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                               max_num_batched_tokens=args.max_num_batched_tokens,
-                              replicate=parse_replicate(args.replicate_experts), decode_graphs=decode_graphs(args))
+                              replicate=parse_replicate(args.replicate_experts), decode_graphs=decode_graphs(args),
+                              async_scheduling=async_scheduling(args)[0])
     try:
         run_distributed(args, settings, functools.partial(serve_job, args=args), args.max_restarts)
     except DeploymentDownError as e:
@@ -152,10 +154,11 @@ def decode_graphs(args) -> bool | None:
     return False if args.eager_decode else None  # None: CUDA graphs wherever the ranks run on CUDA
 
 
-def bench_job(engine, batch_sizes: list[int], prompt_len: int, decode_tokens: int, ms: list[int], seed: int) -> dict:
+def bench_job(engine, batch_sizes: list[int], prompt_len: int, decode_tokens: int, ms: list[int], seed: int,
+              schedulings: tuple[bool, ...] = (False,)) -> dict[int, list[dict]]:
     from expertyard.disagg.jobs import decode_throughput
 
-    return {b: decode_throughput(engine, b, prompt_len, decode_tokens, ms, seed) for b in batch_sizes}
+    return {b: decode_throughput(engine, b, prompt_len, decode_tokens, ms, seed, schedulings) for b in batch_sizes}
 
 
 PREFILL_TOKENS_PER_STEP = 16384  # the benchmark's prefill runs in chunks: buffers and activations stay bounded
@@ -168,7 +171,8 @@ def bench(args, batch_sizes: list[int]) -> dict:
                               max_num_batched_tokens=min(max(batch_sizes) * args.prompt_len, PREFILL_TOKENS_PER_STEP),
                               replicate=parse_replicate(args.replicate_experts), decode_graphs=decode_graphs(args))
     job = functools.partial(bench_job, batch_sizes=batch_sizes, prompt_len=args.prompt_len,
-                            decode_tokens=args.decode_tokens, ms=ms, seed=args.seed)
+                            decode_tokens=args.decode_tokens, ms=ms, seed=args.seed,
+                            schedulings=tuple(async_scheduling(args, sweep=True)))
     runs = run_distributed(args, settings, job)
     if runs is None:  # a follower rank under torchrun
         exit_now(0)
@@ -179,10 +183,9 @@ def bench(args, batch_sizes: list[int]) -> dict:
               "device": kind, "dtype": str(dtype).removeprefix("torch."), "prompt_len": args.prompt_len,
               "decode_tokens": args.decode_tokens, "decode_graphs": kind == "cuda" and not args.eager_decode,
               "runs": []}
-    for b, per_m in runs.items():
-        for m, r in per_m.items():
-            result["runs"].append({"batch": b, "micro_batches": m, **r,
-                                   "per_gpu_tokens_per_s": r["decode_tokens_per_s"] / cfg.world_size})
+    for b, rows in runs.items():
+        for r in rows:
+            result["runs"].append({"batch": b, **r, "per_gpu_tokens_per_s": r["decode_tokens_per_s"] / cfg.world_size})
     return result
 
 
@@ -192,7 +195,8 @@ def print_bench_table(r: dict) -> None:
     graphs = "decode from CUDA graphs" if r.get("decode_graphs") else "eager decode"
     print(f"{r['model']} ({r['dtype']}, {r['device']}): {r['mode']}, {shape}; prompt {r['prompt_len']}, "
           f"decode {r['decode_tokens']} tokens; {graphs}")
-    print(f"{'batch':>5} {'m':>2} {'decode tok/s':>13} {'tok/s/GPU':>10} {'TPOT ms':>8}")
+    print(f"{'batch':>5} {'m':>2} {'async':>5} {'decode tok/s':>13} {'tok/s/GPU':>10} {'TPOT ms':>8}")
     for row in r["runs"]:
-        print(f"{row['batch']:>5} {row['micro_batches']:>2} {row['decode_tokens_per_s']:13.1f} "
+        flag = "on" if row.get("async_scheduling") else "off"
+        print(f"{row['batch']:>5} {row['micro_batches']:>2} {flag:>5} {row['decode_tokens_per_s']:13.1f} "
               f"{row['per_gpu_tokens_per_s']:10.1f} {row['tpot_ms']:8.2f}")

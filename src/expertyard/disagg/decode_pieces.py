@@ -29,6 +29,7 @@ from expertyard.disagg.m2n import combine, pack_dispatch
 from expertyard.disagg.step_plan import MicroBatchPlan
 from expertyard.engine.cuda_graph import buckets, capture
 from expertyard.engine.host_ints import long_tensor
+from expertyard.engine.placeholders import resolve
 from expertyard.layers.attention_metadata import AttentionMetadata
 from expertyard.layers.moe import SparseMoeBlock
 from expertyard.models.base import CausalLM
@@ -70,12 +71,14 @@ class DecodePieces:
         self._side_stream = None
 
     @torch.inference_mode()
-    def run(self, plans: list[MicroBatchPlan], capacity: int, decode_len: int) -> torch.Tensor:
+    def run(self, plans: list[MicroBatchPlan], capacity: int, decode_len: int,
+            prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Every micro-batch (decode only) through every layer; the final normed hidden states of the plans'
-        out_rows in micro-batch order: [sum of len(out_rows), D]."""
+        out_rows in micro-batch order: [sum of len(out_rows), D]. `prev_tokens`: what placeholder token ids
+        resolve to (engine/placeholders.py)."""
         lb = self.len_buckets[bisect.bisect_left(self.len_buckets, decode_len)]
         entries = [self._entry(i, capacity, lb) for i in range(len(plans))]
-        rows = [self._load(entry, plan) for plan, entry in zip(plans, entries)]  # [len(out_rows)] each
+        rows = [self._load(entry, plan, prev_tokens) for plan, entry in zip(plans, entries)]  # [len(out_rows)] each
         flights: list[list | None] = [None] * len(entries)
         for k in range(len(entries[0].pieces)):
             for i, entry in enumerate(entries):
@@ -87,13 +90,14 @@ class DecodePieces:
                     flights[i] = self.exchange.communicate(piece.moe_layer, piece.out["buf"], entry.answers[k], slot=i)
         return torch.cat([e.pieces[-1].out["hidden"].index_select(0, r) for e, r in zip(entries, rows)])
 
-    def _load(self, entry: _Entry, plan: MicroBatchPlan) -> torch.Tensor:
+    def _load(self, entry: _Entry, plan: MicroBatchPlan, prev_tokens: torch.Tensor | None) -> torch.Tensor:
         """Copy the plan into the static inputs (padding rows point at the scratch row); returns its out_rows."""
         b, bufs = plan.num_tokens, entry.bufs
         device = bufs["ids"].device
         rows = np.stack([plan.token_ids, plan.positions, plan.slots, plan.decode_context])  # [4, b]
         host = long_tensor(rows, device)
-        for j, name in enumerate(("ids", "positions", "slots", "context_lens")):
+        bufs["ids"][:b].copy_(resolve(host[0], prev_tokens))
+        for j, name in enumerate(("positions", "slots", "context_lens"), start=1):
             bufs[name][:b].copy_(host[j])
         self._pad(bufs, b)
         bufs["num_valid"].fill_(b)

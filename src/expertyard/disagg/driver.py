@@ -54,15 +54,20 @@ class AttentionRank:
         self.rank = dist.get_rank()
         self._last_send = None
 
-    def run(self, header: StepHeader) -> torch.Tensor:
+    def run(self, header: StepHeader, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's micro-batches; `prev_tokens` [header.prev_tokens]: what the placeholders resolve to."""
         self.exchange.capacity = header.capacity
         plans = header.plans[self.rank]
         if header.graphs:
-            return self.pieces.run(plans, header.capacity, header.decode_len)
-        return run_micro_batches(self.model, self.kv_cache, plans, self.exchange, self.device)
+            return self.pieces.run(plans, header.capacity, header.decode_len, prev_tokens)
+        return run_micro_batches(self.model, self.kv_cache, plans, self.exchange, self.device, prev_tokens)
 
     def follow(self, header: StepHeader) -> None:
-        hidden = self.run(header)  # [n, D]
+        prev_tokens = None
+        if header.prev_tokens:  # the sampled tokens of the step before, from rank 0 (on the device)
+            prev_tokens = torch.empty(header.prev_tokens, dtype=torch.long, device=self.device)
+            self.results.p2p([], [(0, prev_tokens)]).wait()
+        hidden = self.run(header, prev_tokens)  # [n, D]
         if self._last_send is not None:
             self._last_send.wait()
         self._last_send = self.results.p2p([(0, hidden)], []) if hidden.shape[0] else None
@@ -83,6 +88,7 @@ class DistributedRunner:
         self._heartbeat = threading.Thread(target=self._beat, name="expertyard-heartbeat", daemon=True)
         self._heartbeat.start()
         self._profiler = StepProfiler(0, "attention, driver")
+        self._tokens_sent = None  # the send of sampled tokens to the other attention ranks in progress
 
     def _broadcast(self, header: StepHeader) -> None:
         if self.down_reason is not None:
@@ -105,12 +111,13 @@ class DistributedRunner:
                         print(f"expertyard: deployment down: {e}", file=sys.stderr, flush=True)
 
     @torch.inference_mode()
-    def run(self, step: ScheduledStep, all_logits: bool = False) -> torch.Tensor:
+    def run(self, step: ScheduledStep, all_logits: bool = False, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [N, V] float32 in step order (see ModelRunner.run)."""
         self._profiler.step()
         with record_function("expertyard.plan"):
             header, gather = plan_step(step, self.cfg, self.max_num_seqs, all_logits, self.micro_batches,
                                        graphs=self.attention.pieces is not None)
+            header.prev_tokens = 0 if prev_tokens is None else len(prev_tokens)
             counts = [sum(len(mb.out_rows) for mb in plans) for plans in header.plans]
             index = long_tensor(gather, self.attention.device)  # [N]
         STEP_TIMER.mark("plan")
@@ -120,8 +127,10 @@ class DistributedRunner:
             STEP_TIMER.mark("broadcast")
             begin = self._device_event()
             try:
+                if header.prev_tokens and len(header.plans) > 1:
+                    self._send_tokens(prev_tokens, len(header.plans))
                 with record_function("expertyard.layers"):
-                    own = self.attention.run(header)  # [n_0, D]
+                    own = self.attention.run(header, prev_tokens)  # [n_0, D]
                 STEP_TIMER.mark("layers (enqueue)")
                 with record_function("expertyard.gather"):
                     hidden = self._gather(counts, own).index_select(0, index)  # [N, D]
@@ -139,6 +148,12 @@ class DistributedRunner:
         event = torch.cuda.Event(enable_timing=True)
         event.record()
         return event
+
+    def _send_tokens(self, tokens: torch.Tensor, attention_ranks: int) -> None:
+        """The in-flight step's sampled tokens [N] to every other attention rank (the placeholders of theirs)."""
+        if self._tokens_sent is not None:
+            self._tokens_sent.wait()  # the previous step's send (a stream wait on CUDA)
+        self._tokens_sent = self.attention.results.p2p([(r, tokens) for r in range(1, attention_ranks)], [])
 
     def _gather(self, counts: list[int], own: torch.Tensor) -> torch.Tensor:
         """Rank 0's rows, then each other attention rank's (sizes known from the plan): [sum(counts), D]."""

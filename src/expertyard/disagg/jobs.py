@@ -20,49 +20,60 @@ def greedy(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> dict
             "prompt_logprobs": engine.score(prompts[0]).tolist()}
 
 
-def greedy_each_m(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, ms: list[int]) -> dict[int, dict]:
-    """`greedy` once per number of micro-batches, on one running deployment."""
+def greedy_each_m(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, ms: list[int],
+                  schedulings: tuple[bool, ...] = (False, True)) -> dict[tuple[int, bool], dict]:
+    """`greedy` once per number of micro-batches and per async-scheduling setting, on one running deployment:
+    {(m, async_scheduling): result}."""
     out = {}
     for m in ms:
         engine.runner.micro_batches = m
-        out[m] = greedy(engine, prompts, max_tokens)
+        for a in schedulings:
+            engine.config.async_scheduling = a
+            out[m, a] = greedy(engine, prompts, max_tokens)
     return out
 
 
 def decode_throughput(engine: LLMEngine, batch: int, prompt_len: int, decode_tokens: int, ms: list[int],
-                      seed: int = 0) -> dict[int, dict]:
-    """Per m: decode tokens/s and time per output token at a fixed batch (greedy, EOS ignored), after one
-    warm-up pass. Every prompt is prefilled first (in as many steps as the token budget needs, no decode token
-    in between: `Scheduler.prefill_first`), then timing covers decode steps of the whole batch only. (Before,
-    sequences prefilled early decoded while later prompts were still prefilling, so at 2,048 prompts of 256+
-    tokens most of the batch had finished before the timed steps: those TPOTs were not at the stated batch.)"""
+                      seed: int = 0, schedulings: tuple[bool, ...] = (False,)) -> list[dict]:
+    """Per m and async-scheduling setting: decode tokens/s and time per output token at a fixed batch (greedy,
+    EOS ignored), after one warm-up pass. Every prompt is prefilled first (in as many steps as the token budget
+    needs, no decode token in between: `Scheduler.prefill_first`), then timing covers decode steps of the whole
+    batch only. (Before, sequences prefilled early decoded while later prompts were still prefilling, so at 2,048
+    prompts of 256+ tokens most of the batch had finished before the timed steps: those TPOTs were not at the
+    stated batch.) Prefill runs synchronously; with async scheduling on, the timed loop starts with the last
+    prefill step's tokens read, so it times the decode steps alone."""
     gen = torch.Generator().manual_seed(seed)
     prompts = torch.randint(0, engine.model_config.vocab_size, (batch, prompt_len), generator=gen).tolist()
     params = SamplingParams(temperature=0, max_tokens=decode_tokens, ignore_eos=True)
-    out = {}
-    held, engine.scheduler.prefill_first = engine.scheduler.prefill_first, True
+    out = []
+    held = engine.scheduler.prefill_first, engine.config.async_scheduling
+    engine.scheduler.prefill_first = True
     try:
         for m in ms:
             engine.runner.micro_batches = m
-            for timed in (False, True):
-                seqs = [engine.add_request(p, params) for p in prompts]
-                while any(not s.output_token_ids for s in seqs):
-                    engine.step()  # prefill
-                _sync(engine)
-                before = sum(len(s.output_token_ids) for s in seqs)
-                t0 = time.perf_counter()
-                steps = 0
-                while engine.has_unfinished():
-                    engine.step()
-                    steps += 1
-                _sync(engine)
-                dt = time.perf_counter() - t0
-                assert all(len(s.output_token_ids) == decode_tokens for s in seqs)
-            assert before == batch, f"{before} tokens were generated before the timed decode steps, not one per prompt"
-            generated = batch * decode_tokens - before
-            out[m] = {"decode_tokens_per_s": generated / dt, "tpot_ms": 1e3 * dt / steps, "steps": steps}
+            for a in schedulings:
+                for timed in (False, True):
+                    engine.config.async_scheduling = False
+                    seqs = [engine.add_request(p, params) for p in prompts]
+                    while any(not s.output_token_ids for s in seqs):
+                        engine.step()  # prefill
+                    _sync(engine)
+                    before = sum(len(s.output_token_ids) for s in seqs)
+                    engine.config.async_scheduling = a
+                    t0 = time.perf_counter()
+                    steps = 0
+                    while engine.has_unfinished():
+                        engine.step()
+                        steps += 1
+                    _sync(engine)
+                    dt = time.perf_counter() - t0
+                    assert all(len(s.output_token_ids) == decode_tokens for s in seqs)
+                assert before == batch, f"{before} tokens were generated before the timed decode steps, not one per prompt"
+                generated = batch * decode_tokens - before
+                out.append({"micro_batches": m, "async_scheduling": a, "decode_tokens_per_s": generated / dt,
+                            "tpot_ms": 1e3 * dt / (decode_tokens - 1), "steps": steps})  # (a: one call drains)
     finally:
-        engine.scheduler.prefill_first = held
+        engine.scheduler.prefill_first, engine.config.async_scheduling = held
     return out
 
 

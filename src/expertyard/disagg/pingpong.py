@@ -16,6 +16,7 @@ import torch
 
 from expertyard.disagg.step_plan import MicroBatchPlan
 from expertyard.engine.host_ints import long_tensor
+from expertyard.engine.placeholders import resolve
 from expertyard.layers.moe import SparseMoeBlock
 from expertyard.models.base import CausalLM
 
@@ -44,13 +45,14 @@ def _finish(mb: _MicroBatch, exchange) -> None:
 
 @torch.inference_mode()
 def run_micro_batches(model: CausalLM, kv_cache: list[list[torch.Tensor]], plans: list[MicroBatchPlan],
-                      exchange, device: torch.device) -> torch.Tensor:
+                      exchange, device: torch.device, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
     """Every micro-batch through every layer; returns the final normed hidden states of the plans' out_rows,
     concatenated in micro-batch order: [sum of len(out_rows), D]. Empty micro-batches still take part in
-    every exchange (with zero rows), so that all ranks step through the layers in lockstep."""
+    every exchange (with zero rows), so that all ranks step through the layers in lockstep. `prev_tokens`:
+    what placeholder token ids resolve to (engine/placeholders.py)."""
     mbs = []
     for plan in plans:
-        ids = long_tensor(plan.token_ids, device)
+        ids = resolve(long_tensor(plan.token_ids, device), prev_tokens)  # [T_i]
         mb = _MicroBatch(plan, model.model.embed_tokens(ids))  # [T_i, D]
         # every host-to-device copy before the layer loop: a pageable copy waits for the stream's earlier work
         mb.rows = long_tensor(plan.out_rows, device)

@@ -61,6 +61,9 @@ class StepHeader:
     plans: list[list[MicroBatchPlan]] = field(default_factory=list)  # [attention rank][micro-batch]
     graphs: bool = False  # a decode step the attention ranks replay from CUDA graphs (decode_pieces.py)
     decode_len: int = 0  # with graphs: the longest cached context of the step (picks the length bucket)
+    # async scheduling: the step's token ids hold placeholders for the tokens of the step in flight, whose
+    # `prev_tokens` sampled ids rank 0 sends every other attention rank on the device (engine/placeholders.py)
+    prev_tokens: int = 0
 
 
 def kv_rows_per_rank(cfg: DisaggConfig, max_num_seqs: int) -> int:

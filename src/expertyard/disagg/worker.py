@@ -76,6 +76,7 @@ class EngineSettings:
     # attention and expert ranks replay decode steps from CUDA graphs (None: on CUDA); True off CUDA runs the same
     # pieces and static buffers eagerly (tests of the piece split)
     decode_graphs: bool | None = None
+    async_scheduling: bool = False  # EngineConfig.async_scheduling of rank 0's engine
 
 
 def effective_max_model_len(cfg: ModelConfig, requested: int | None) -> int:
@@ -146,7 +147,8 @@ def _drive(cfg, source, settings, loaded, attention, groups, job):
     tokenizer = source.tokenizer()
     engine = LLMEngine(loaded, tokenizer, EngineConfig(
         max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len,
-        max_num_batched_tokens=settings.max_num_batched_tokens, cuda_graphs=False),
+        max_num_batched_tokens=settings.max_num_batched_tokens, cuda_graphs=False,
+        async_scheduling=settings.async_scheduling),
         **({"eos_token_ids": set()} if tokenizer is None else {}))
     engine.runner = DistributedRunner(attention, groups, cfg, settings.max_num_seqs)  # frees the full-size cache
     _free(attention.device)

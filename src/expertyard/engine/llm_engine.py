@@ -9,9 +9,10 @@ import torch
 
 from expertyard.engine.detokenizer import IncrementalDetokenizer
 from expertyard.engine.model_runner import ModelRunner
+from expertyard.engine.placeholders import placeholder
 from expertyard.engine.sampler import sample, top_logprobs
 from expertyard.engine.sampling_params import SamplingParams
-from expertyard.engine.scheduler import Scheduler
+from expertyard.engine.scheduler import ScheduledSpan, ScheduledStep, Scheduler
 from expertyard.engine.sequence import Sequence
 from expertyard.engine.step_timer import STEP_TIMER
 from expertyard.errors import ConfigError, RequestError
@@ -28,6 +29,9 @@ class EngineConfig:
     """Tokens one step may compute; longer prompts are prefilled in chunks."""
     cuda_graphs: bool | None = None
     """Replay decode steps from CUDA graphs; default: on for CUDA devices."""
+    async_scheduling: bool = False
+    """Schedule and launch step t+1 before reading step t's tokens, so the host's work hides behind the device's
+    (a sequence that stops on a stop token computes one extra, discarded token). May be switched between steps."""
 
     def __post_init__(self):
         if self.max_num_seqs < 1:
@@ -55,6 +59,7 @@ class LLMEngine:
         self.generators: dict[int, torch.Generator] = {}
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}  # seq_id -> its output text so far
         self.last_step = None  # the latest ScheduledStep (for logs)
+        self._in_flight: _Launched | None = None  # async scheduling: the step whose tokens are not read yet
 
     # ---- requests -------------------------------------------------------------------------------------
     def encode(self, prompt: str | list[int] | list[dict]) -> list[int]:
@@ -89,45 +94,96 @@ class LLMEngine:
 
     def abort(self, seq: Sequence) -> None:
         if not seq.finished:
-            self.scheduler.finish(seq, "abort")
-            self.generators.pop(seq.seq_id, None)
-            self.detokenizers.pop(seq.seq_id, None)
+            self._finish(seq, "abort")
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        if seq.pending:  # a token still in flight (async scheduling): it is dropped
+            seq.token_ids.pop()
+            seq.pending = 0
+        self.scheduler.finish(seq, reason)
+        self.generators.pop(seq.seq_id, None)
+        self.detokenizers.pop(seq.seq_id, None)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._in_flight is not None
 
     # ---- the loop -------------------------------------------------------------------------------------
     def step(self) -> list[Sequence]:
-        """Run one step; returns the sequences that got a token (finished ones have finish_reason set)."""
+        """Run one step; returns the sequences that got a token (finished ones have finish_reason set).
+
+        With `async_scheduling` the step scheduled here is launched before the previous step's tokens are read,
+        and the sequences returned are the previous step's: the host prepares step t+1 while the device runs
+        step t (engine/placeholders.py)."""
         STEP_TIMER.start()
+        prev, self._in_flight = self._in_flight, None
         step = self.scheduler.schedule()
         self.last_step = step
-        if not step.spans:
-            return []
-        STEP_TIMER.kind_of_step("prefill" if step.prefills else "decode")
-        STEP_TIMER.mark("schedule")
-        logits = self.runner.run(step)  # [N, V]
+        launched = None
+        if step.spans:
+            STEP_TIMER.kind_of_step("prefill" if step.prefills else "decode")
+            STEP_TIMER.mark("schedule")
+            launched = self._launch(step, prev)
+        done = self._process(prev) if prev is not None else []
+        if launched is not None:
+            self._commit(launched)
+            if self.config.async_scheduling:
+                self._in_flight = launched
+            else:
+                done = self._process(launched)
+        return done
+
+    def _launch(self, step: ScheduledStep, prev: _Launched | None) -> _Launched:
+        """Enqueue the step's model run and sampling; the tokens start their way to the host."""
+        logits = self.runner.run(step, prev_tokens=prev.tokens if prev is not None else None)  # [N, V]
         STEP_TIMER.mark("run (rest)")
         sampling = [s for s in step.spans if s.samples]
         params = [s.seq.params for s in sampling]
-        tokens = sample(logits, params, [self.generators.get(s.seq.seq_id) for s in sampling])
+        tokens = sample(logits, params, [self.generators.get(s.seq.seq_id) for s in sampling])  # [N]
         want_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+        on_device = [tokens]
         if want_logprobs is not None:
-            chosen, top_v, top_i = (t.tolist() for t in top_logprobs(logits, tokens, want_logprobs))
-        tokens = tokens.tolist()  # the one host sync of a step
-        STEP_TIMER.mark("sample + sync")
-        for span in step.spans:
+            on_device += top_logprobs(logits, tokens, want_logprobs)  # chosen [N], top values, top ids [N, n]
+        launched = _Launched(step, sampling, tokens, *_to_host(on_device))
+        STEP_TIMER.mark("sample (enqueue)")
+        return launched
+
+    def _commit(self, launched: _Launched) -> None:
+        """The launched step's tokens count as computed; each sampling sequence gets a placeholder for its new
+        token (real ids from the device in the next step, on the host in `_process`)."""
+        for span in launched.step.spans:
             span.seq.num_computed += span.length
-        for row, span in enumerate(sampling):
+        for row, span in enumerate(launched.sampling):
             seq = span.seq
-            seq.token_ids.append(tokens[row])
+            if seq.finished:  # finished (a stop token, an abort) while this step was in flight
+                continue
+            seq.token_ids.append(placeholder(row))
+            seq.pending = 1
+            num_output = len(seq.token_ids) - seq.num_prompt_tokens
+            # its last token by length: the scheduler gives it no further step
+            seq.length_capped = num_output >= seq.params.max_tokens or len(seq.token_ids) >= self.max_model_len
+
+    def _process(self, launched: _Launched) -> list[Sequence]:
+        """Wait for the launched step's tokens on the host, write them over the placeholders, check stops."""
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        tokens, *lp = (t.tolist() for t in launched.host)
+        STEP_TIMER.mark("wait for tokens")
+        done = []
+        for row, span in enumerate(launched.sampling):
+            seq = span.seq
+            if seq.finished:
+                continue
+            assert seq.pending and seq.token_ids[-1] == placeholder(row), "a placeholder out of step"
+            seq.token_ids[-1], seq.pending = tokens[row], 0
             if seq.params.logprobs is not None:
+                chosen, top_v, top_i = lp
                 n = seq.params.logprobs
                 seq.logprobs.append({"token": tokens[row], "logprob": chosen[row],
                                      "top": list(zip(top_i[row][:n], top_v[row][:n]))})
             self._check_finished(seq)
+            done.append(seq)
         STEP_TIMER.mark("post-process")
-        return [s.seq for s in sampling]
+        return done
 
     def _check_finished(self, seq: Sequence) -> None:
         p, token = seq.params, seq.token_ids[-1]
@@ -149,9 +205,7 @@ class LLMEngine:
                 if (i := seq.text.find(s)) >= 0:
                     seq.text, reason = seq.text[:i], "stop"
         if reason is not None:
-            self.scheduler.finish(seq, reason)
-            self.generators.pop(seq.seq_id, None)
-            self.detokenizers.pop(seq.seq_id, None)
+            self._finish(seq, reason)
 
     def generate(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None,
                  progress=None) -> list[Sequence]:
@@ -173,8 +227,6 @@ class LLMEngine:
         """Log-probabilities of a prompt's own tokens, each given the ones before it, and the `top` most likely
         tokens at each position: (chosen [L - 1], top values [L - 1, top], top ids [L - 1, top]), on the CPU.
         Runs in the KV cache's scratch row, so it can be called between steps while every slot is busy."""
-        from expertyard.engine.scheduler import ScheduledSpan, ScheduledStep
-
         if len(token_ids) > self.max_model_len:
             raise RequestError(f"{len(token_ids)} tokens exceed max_model_len={self.max_model_len}")
         seq = Sequence(prompt_token_ids=list(token_ids), params=SamplingParams())
@@ -203,3 +255,25 @@ def _eos_ids(model_dir: Path | None, tokenizer) -> set[int]:
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return ids
+
+
+@dataclass
+class _Launched:
+    """A step whose model run and sampling are enqueued."""
+
+    step: ScheduledStep
+    sampling: list[ScheduledSpan]  # the spans that sample, in row order
+    tokens: torch.Tensor  # [N] long on the device: what the next step's placeholders resolve to
+    host: list[torch.Tensor]  # tokens [N] (and chosen, top values, top ids) on their way to the host
+    ready: torch.cuda.Event | None  # recorded after the copies (None: already on the host)
+
+
+def _to_host(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.cuda.Event | None]:
+    """Copies to pinned host memory queued on the stream (reading them must wait for the event): a plain
+    .cpu() would wait for everything queued after it, the next step included."""
+    if tensors[0].device.type != "cuda":
+        return [t.cpu() for t in tensors], None
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors]
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready

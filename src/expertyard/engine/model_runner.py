@@ -8,6 +8,7 @@ from expertyard.engine.cuda_graph import DecodeGraphs
 from expertyard.engine.host_ints import long_tensor
 from expertyard.engine.kv_cache import allocate_kv_cache
 from expertyard.engine.piecewise_graph import PiecewiseDecodeGraphs
+from expertyard.engine.placeholders import resolve
 from expertyard.engine.scheduler import ScheduledStep
 from expertyard.layers.attention_metadata import AttentionMetadata, PrefillSpan
 from expertyard.models.base import CausalLM
@@ -31,9 +32,10 @@ class ModelRunner:
         return long_tensor(values, self.device)
 
     @torch.inference_mode()
-    def run(self, step: ScheduledStep, all_logits: bool = False) -> torch.Tensor:
+    def run(self, step: ScheduledStep, all_logits: bool = False, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [N, V] float32, one row per span that samples (in `step.spans` order); with `all_logits`,
-        one row per token of the step instead."""
+        one row per token of the step instead. `prev_tokens` [N_prev]: the sampled tokens of the step in flight,
+        which the placeholders among the token ids stand for (async scheduling, engine/placeholders.py)."""
         ids, positions, slots, spans = [], [], [], []
         for span in step.spans:
             seq = span.seq
@@ -45,7 +47,7 @@ class ModelRunner:
             spans.append(PrefillSpan(slot=span.seq.slot, start=span.start, length=span.length, offset=offset))
             offset += span.length
         decode_ctx = [s.start + 1 for s in step.decodes]
-        input_ids, pos_t, slots_t = self._tensor(ids), self._tensor(positions), self._tensor(slots)
+        input_ids, pos_t, slots_t = resolve(self._tensor(ids), prev_tokens), self._tensor(positions), self._tensor(slots)
 
         if self.graphs is not None and not step.prefills and not all_logits:
             return self.graphs.run(input_ids, pos_t, slots_t, self._tensor(decode_ctx), max(decode_ctx))

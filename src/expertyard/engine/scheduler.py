@@ -59,7 +59,7 @@ class Scheduler:
         hold = self.prefill_first and ((self.waiting and self.free_slots) or
                                        any(s.num_uncomputed > 1 for s in self.running))
         for seq in self.running:
-            if seq.num_uncomputed == 1 and budget > 0 and not hold:
+            if seq.num_uncomputed == 1 and budget > 0 and not hold and not seq.length_capped:
                 decodes.append(ScheduledSpan(seq, seq.num_computed, 1))
                 budget -= 1
         for seq in self.running:

@@ -27,6 +27,10 @@ class Sequence:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     text: str = ""  # detokenised output (trimmed at a stop string)
     logprobs: list[dict] = field(default_factory=list)
+    # async scheduling (engine/placeholders.py): 1 while the last of token_ids is a placeholder for a token in
+    # flight; length_capped: that token is its last by length (max_tokens, max_model_len), so no step follows
+    pending: int = 0
+    length_capped: bool = False
 
     def __post_init__(self):
         if not self.token_ids:
@@ -38,7 +42,8 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        """The generated tokens known on the host (a placeholder in flight is not one)."""
+        return self.token_ids[self.num_prompt_tokens:len(self.token_ids) - self.pending]
 
     @property
     def num_uncomputed(self) -> int:

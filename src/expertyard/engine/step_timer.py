@@ -2,12 +2,12 @@
 
     EXPERTYARD_STEP_TIMES=1 expertyard bench --disaggregate ...
 
-The engine marks the end of each phase of a step (schedule, the runner's own phases, sampling with its one
-host sync, post-processing); at exit the process prints, per kind of step (decode-only or with prefill), the
-mean milliseconds of each phase. A runner may also time a span of device work with `device_span` (CUDA events,
-read one step later so that nothing waits): the median device time of that span is printed beside the host phases,
-and a step's host time minus it is what the device sat idle waiting for the host. Off (and free) unless the
-variable is set.
+The engine marks the end of each phase of a step (schedule, the runner's own phases, sampling, waiting for the
+tokens, post-processing); at exit the process prints, per kind of step (decode-only or with prefill), the median
+milliseconds of each phase (the first decode steps capture CUDA graphs: the median ignores them). A runner may
+also time a span of its device work with `device_span` (CUDA events, read once the device has passed them, so
+that timing never makes the host wait): with synchronous scheduling, a step's host time minus that span is about
+what the device sat idle waiting for the host. Off (and free) unless the variable is set.
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ class StepTimer:
         self.times: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         self.steps: dict[str, int] = defaultdict(int)
         self._last = 0.0
-        self._span: tuple[str, torch.cuda.Event, torch.cuda.Event] | None = None
+        self._spans: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []  # not read yet
 
     def start(self) -> None:
         """A step begins."""
         if not self.enabled:
             return
-        self._read_span()
+        self._read_spans(wait=False)
         self._last = time.perf_counter()
 
     def kind_of_step(self, kind: str) -> None:
@@ -53,18 +53,24 @@ class StepTimer:
         self._last = now
 
     def device_span(self, begin: torch.cuda.Event, end: torch.cuda.Event) -> None:
-        """Events recorded around this step's device work; read at the next step's start."""
+        """Events recorded around this step's device work; read once the device has passed them (never waited
+        for before the report, so that timing does not serialize an async-scheduled engine)."""
         if self.enabled:
-            self._span = (self.kind, begin, end)
+            self._spans.append((self.kind, begin, end))
 
-    def _read_span(self) -> None:
-        if self._span is not None:
-            kind, begin, end = self._span
-            end.synchronize()
+    def _read_spans(self, wait: bool) -> None:
+        pending = []
+        for kind, begin, end in self._spans:
+            if wait:
+                end.synchronize()
+            elif not end.query():
+                pending.append((kind, begin, end))
+                continue
             self.times[kind]["(device span)"].append(begin.elapsed_time(end) / 1000.0)
-            self._span = None
+        self._spans = pending
 
     def report(self) -> str:
+        self._read_spans(wait=True)
         lines = []
         for kind, phases in self.times.items():
             host = sum(statistics.median(v) for k, v in phases.items() if not k.startswith("("))

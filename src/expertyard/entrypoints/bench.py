@@ -14,8 +14,8 @@ from expertyard.bench.transformers_baseline import TransformersBaseline
 from expertyard.bench.weights import active_bytes_per_token
 from expertyard.engine.llm_engine import EngineConfig, LLMEngine
 from expertyard.engine.sampling_params import SamplingParams
-from expertyard.entrypoints.common import (add_model_args, add_offload_args, engine_from_args, load_from_args,
-                                          resolve_device)
+from expertyard.entrypoints.common import (add_model_args, add_offload_args, async_scheduling, engine_from_args,
+                                          load_from_args, resolve_device)
 from expertyard.disagg.flags import add_disagg_args
 from expertyard.errors import ConfigError
 from expertyard.loader.load import LoadedModel
@@ -80,7 +80,8 @@ def run(args) -> int:
     max_len = args.prompt_len + args.decode_tokens + 1
     engine = LLMEngine(loaded, None, EngineConfig(
         max_num_seqs=max(batch_sizes), max_model_len=max_len, max_num_batched_tokens=max(batch_sizes) * args.prompt_len,
-        cuda_graphs=False if args.no_cuda_graphs else None), eos_token_ids=set())
+        cuda_graphs=False if args.no_cuda_graphs else None, async_scheduling=async_scheduling(args)[0]),
+        eos_token_ids=set())
     gen = torch.Generator().manual_seed(args.seed)
     vocab = loaded.config.vocab_size
     result = {"model": args.synthetic or str(args.model or "bundled"), "num_layers": loaded.config.num_layers,

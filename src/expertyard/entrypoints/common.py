@@ -39,6 +39,10 @@ def add_model_args(p: argparse.ArgumentParser, synthetic: bool = False) -> None:
     g.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output (default: model's, <= 4096)")
     g.add_argument("--max-num-seqs", type=int, default=8, help="sequences decoded together")
     g.add_argument("--no-cuda-graphs", action="store_true", help="run CUDA decode steps eagerly")
+    g.add_argument("--async-scheduling", choices=["off", "on", "both"], default="off",
+                   help="on: schedule and launch step t+1 before reading step t's tokens, so the host's work per "
+                        "step hides behind the device's (a sequence ending on a stop token computes one extra, "
+                        "discarded token); both: `bench --disaggregate` measures off and on side by side")
     g.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
 
 
@@ -135,12 +139,22 @@ def load_tokenizer(path: Path):
         raise ConfigError(f"{path}: no usable tokenizer files ({e})") from e
 
 
+def async_scheduling(args, sweep: bool = False) -> list[bool]:
+    """--async-scheduling as the settings to run: [False], [True], or both when `sweep` allows it."""
+    choice = getattr(args, "async_scheduling", "off")
+    if choice == "both" and not sweep:
+        raise ConfigError("--async-scheduling both is for `expertyard bench --disaggregate` (it measures off and on "
+                          "side by side); here pick on or off")
+    return {"off": [False], "on": [True], "both": [False, True]}[choice]
+
+
 def engine_from_args(args, **config) -> LLMEngine:
     device, dtype = resolve_device(args)
     loaded, tokenizer = load_from_args(args, device, dtype)
     offload = getattr(args, "offload", False)
     config = EngineConfig(**{"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
-                             "cuda_graphs": False if args.no_cuda_graphs else None, **config})
+                             "cuda_graphs": False if args.no_cuda_graphs else None,
+                             "async_scheduling": async_scheduling(args)[0], **config})
     engine = LLMEngine(loaded, tokenizer, config, **({"eos_token_ids": set()} if tokenizer is None else {}))
     if offload:
         configure_offload(engine, args)

@@ -106,7 +106,7 @@ def null_tpots(hf_config, num_layers: int, device_type: str, dtype: torch.dtype,
     cfg = DisaggConfig(attention_ranks=1, expert_ranks=1, micro_batches=1, dist_timeout=dist_timeout)
     threads = max(1, (os.cpu_count() or 1) // cfg.world_size) if device_type == "cpu" else None
     runs = launch_local(cfg, source, settings, device_type, dtype, job, threads)
-    return {b: runs[b][1]["tpot_ms"] / 1e3 for b in batches}
+    return {b: runs[b][0]["tpot_ms"] / 1e3 for b in batches}  # the one row: m = 1, async scheduling off
 
 
 def measure_null_tpots(hf_config, device_type: str, dtype: torch.dtype, batches=None, prompt_len: int | None = None,
