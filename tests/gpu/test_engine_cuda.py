@@ -88,3 +88,32 @@ def test_cuda_server_warm_up_captures_every_bucket_and_decodes_the_same(tiny_che
     warmed = engine.generate(_prompts(), params)
     assert len(graphs.entries) == captured  # nothing new captured under "load"
     assert [s.output_token_ids for s in warmed] == [s.output_token_ids for s in eager]
+
+
+@pytest.mark.parametrize("arch", ARCH_CASES)
+def test_cuda_async_scheduling_changes_no_output(arch, tiny_checkpoint):
+    """Step t+1 launched (CUDA-graph decode, placeholders resolved on the device) before step t's tokens are
+    read: the same tokens and log-probabilities as the synchronous engine, with queueing (5 prompts, 4 slots),
+    seeded sampling and a stop token hit while the next step is in flight."""
+    path, _ = tiny_checkpoint(arch)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (5, 13, 2, 9, 1)]
+    params = [SamplingParams(temperature=0, max_tokens=12, logprobs=1),
+              SamplingParams(temperature=0.8, seed=5, max_tokens=9, logprobs=1),
+              SamplingParams(temperature=0, max_tokens=16, logprobs=1),
+              SamplingParams(temperature=0.8, seed=6, max_tokens=7, logprobs=1),
+              SamplingParams(temperature=0, max_tokens=11, logprobs=1)]
+    loaded = load_model(path, "cuda", torch.float32, progress=False)
+    first = LLMEngine(loaded, None, EngineConfig(max_num_seqs=4, max_model_len=128), eos_token_ids=set())
+    stop_at = first.generate(prompts, params)[2].output_token_ids[5]
+    params[2].stop_token_ids = [stop_at]
+    outs = []
+    for a in (False, True):
+        engine = LLMEngine(loaded, None, EngineConfig(max_num_seqs=4, max_model_len=128, async_scheduling=a),
+                           eos_token_ids=set())
+        seqs = engine.generate(prompts, params)
+        outs.append([(s.output_token_ids, s.finish_reason, [e["logprob"] for e in s.logprobs]) for s in seqs])
+    assert outs[1][2][1] == "stop"
+    for got, ref in zip(outs[1], outs[0]):
+        assert got[:2] == ref[:2]
+        torch.testing.assert_close(torch.tensor(got[2]), torch.tensor(ref[2]), atol=1e-5, rtol=1e-5)
