@@ -24,8 +24,10 @@ if [ "$DEVICE" = cuda ]; then
   MODEL=(--synthetic qwen3-30b-a3b --num-layers 8 --dtype bfloat16)
   SHAPE=(--batch-sizes 256 --prompt-len 32 --decode-tokens 64)
   SIZES=4KB,16KB,64KB,256KB,1MB,4MB,8MB
-  BIG=(--synthetic mixtral-8x7b --num-layers 8 --dtype bfloat16 --batch-sizes 2048 --prompt-len 256 --decode-tokens 32)
-  LONG=(--synthetic mixtral-8x7b --num-layers 8 --dtype bfloat16 --batch-sizes 2048 --prompt-len 1024 --decode-tokens 32)
+  BIG=(--synthetic mixtral-8x7b --num-layers 8 --dtype bfloat16 --batch-sizes 2048 --prompt-len 256 --decode-tokens 32
+       --async-scheduling both)
+  LONG=(--synthetic mixtral-8x7b --num-layers 8 --dtype bfloat16 --batch-sizes 2048 --prompt-len 1024 --decode-tokens 32
+        --async-scheduling both)
   NULL=(--synthetic mixtral-8x7b --num-layers 2 --dtype bfloat16 --batch-sizes 1024 --prompt-len 32 --decode-tokens 48)
   WINDOW=70:72  # engine steps: 2 prefill + 47 decode (warm-up pass), then 2 + 47 timed
 else
@@ -33,8 +35,8 @@ else
   MODEL=()   # the bundled model
   SHAPE=(--batch-sizes 8 --prompt-len 8 --decode-tokens 8)
   SIZES=4KB,64KB
-  BIG=(--batch-sizes 16 --prompt-len 8 --decode-tokens 4)
-  LONG=(--batch-sizes 16 --prompt-len 32 --decode-tokens 4)
+  BIG=(--batch-sizes 16 --prompt-len 8 --decode-tokens 4 --async-scheduling both)
+  LONG=(--batch-sizes 16 --prompt-len 32 --decode-tokens 4 --async-scheduling both)
   NULL=(--batch-sizes 8 --prompt-len 8 --decode-tokens 8)
   WINDOW=10:12
 fi
@@ -51,7 +53,7 @@ timeout 120 python3 benchmarks/bench_m2n.py --attention-ranks 2 --expert-ranks 2
 fi
 bench() {  # name, then flags
   local name=$1; shift
-  timeout 200 python3 -m expertyard.entrypoints.cli bench --disaggregate --device "$DEVICE" --dist-timeout 120 "$@" \
+  timeout 300 python3 -m expertyard.entrypoints.cli bench --disaggregate --device "$DEVICE" --dist-timeout 120 "$@" \
     --out "$OUT/$name.json" 2>&1 | quiet | tee -a "$LOG"
 }
 table() {  # prefix of the runs' names
@@ -60,33 +62,29 @@ import json, sys
 from pathlib import Path
 out, p = Path(sys.argv[1]), sys.argv[2]
 runs = {}
-for name in ("pingpong_2x2", "pingpong_3x1", "colocated_4", "eager_2x2"):
-    name = p + name
-    f = out / f"{name}.json"
+for name in ("pingpong_2x2", "pingpong_3x1", "pingpong_1x3", "colocated_4", "eager_2x2"):
+    f = out / f"{p}{name}.json"
     if f.exists():
-        runs[name.removeprefix(p)] = json.loads(f.read_text())
+        runs[name] = json.loads(f.read_text())
 if "colocated_4" not in runs:
     sys.exit("no colocated result: see log.txt")
 best = max(runs["colocated_4"]["runs"], key=lambda r: r["per_gpu_tokens_per_s"])  # colocated at its best m
 co = best["per_gpu_tokens_per_s"]
 print(f"\nper-GPU decode throughput ({runs['colocated_4']['model']}, batch {best['batch']}, "
-      f"{runs['colocated_4']['dtype']} on {runs['colocated_4']['gpus']} ranks; x colocated = over colocated's best m)")
-print(f"{'deployment':>14} {'m':>2} {'tok/s/GPU':>10} {'TPOT ms':>8} {'x colocated':>12} {'x m=1':>6}")
-for r in runs["colocated_4"]["runs"]:
-    print(f"{'colocated':>14} {r['micro_batches']:>2} {r['per_gpu_tokens_per_s']:10.1f} {r['tpot_ms']:8.2f} "
-          f"{r['per_gpu_tokens_per_s'] / co:12.2f} {'':>6}")
-if "eager_2x2" in runs:
-    r = runs["eager_2x2"]["runs"][0]
-    print(f"{'2x2 eager':>14} {r['micro_batches']:>2} {r['per_gpu_tokens_per_s']:10.1f} {r['tpot_ms']:8.2f} "
-          f"{r['per_gpu_tokens_per_s'] / co:12.2f} {'':>6}")
-for name in ("pingpong_2x2", "pingpong_3x1"):
+      f"{runs['colocated_4']['dtype']} on {runs['colocated_4']['gpus']} ranks; x colocated = over colocated's best "
+      "m and scheduling; x m=1 = over m=1 with the same scheduling)")
+print(f"{'deployment':>14} {'m':>2} {'async':>5} {'tok/s/GPU':>10} {'TPOT ms':>8} {'x colocated':>12} {'x m=1':>6}")
+for name, label in (("colocated_4", "colocated"), ("eager_2x2", "2x2 eager"), ("pingpong_2x2", "2x2"),
+                    ("pingpong_3x1", "3x1"), ("pingpong_1x3", "1x3")):
     if name not in runs:
-        print(f"{name:>14}  (not run, or failed: see log.txt)")
         continue
-    base = next(r for r in runs[name]["runs"] if r["micro_batches"] == 1)["per_gpu_tokens_per_s"]
-    for r in runs[name]["runs"]:
-        print(f"{name.split('_')[1]:>14} {r['micro_batches']:>2} {r['per_gpu_tokens_per_s']:10.1f} {r['tpot_ms']:8.2f} "
-              f"{r['per_gpu_tokens_per_s'] / co:12.2f} {r['per_gpu_tokens_per_s'] / base:6.2f}")
+    rows = runs[name]["runs"]
+    for r in rows:
+        a = r.get("async_scheduling", False)
+        base = next((q for q in rows if q["micro_batches"] == 1 and q.get("async_scheduling", False) == a), None)
+        rel = f"{r['per_gpu_tokens_per_s'] / base['per_gpu_tokens_per_s']:6.2f}" if base and name != "colocated_4" else ""
+        print(f"{label:>14} {r['micro_batches']:>2} {'on' if a else 'off':>5} {r['per_gpu_tokens_per_s']:10.1f} "
+              f"{r['tpot_ms']:8.2f} {r['per_gpu_tokens_per_s'] / co:12.2f} {rel:>6}")
 print("target: ping-pong >= 1.3x colocated and >= 1.5x m=1")
 PY
 }
@@ -103,15 +101,17 @@ fi
 
 if [[ $STEPS == *d* ]]; then
 echo "== (d) decode on 4 ranks, large batch, few big experts" | tee -a "$LOG"
-bench big_pingpong_2x2 "${BIG[@]}" --mode disaggregated --attention-ranks 2 --expert-ranks 2 --micro-batches 1,2,3
-bench big_colocated_4 "${BIG[@]}" --mode colocated --attention-ranks 2 --expert-ranks 2 --micro-batches 1,2
+bench big_pingpong_2x2 "${BIG[@]}" --mode disaggregated --attention-ranks 2 --expert-ranks 2 --micro-batches 1,2
+bench big_pingpong_1x3 "${BIG[@]}" --mode disaggregated --attention-ranks 1 --expert-ranks 3 --micro-batches 1,2
+bench big_colocated_4 "${BIG[@]}" --mode colocated --attention-ranks 2 --expert-ranks 2 --micro-batches 1
 table big_
 fi
 
 if [[ $STEPS == *e* ]]; then
 echo "== (e) decode on 4 ranks, large batch, longer context (attention time ~ expert time)" | tee -a "$LOG"
 bench long_pingpong_2x2 "${LONG[@]}" --mode disaggregated --attention-ranks 2 --expert-ranks 2 --micro-batches 1,2
-bench long_colocated_4 "${LONG[@]}" --mode colocated --attention-ranks 2 --expert-ranks 2 --micro-batches 1,2
+bench long_pingpong_1x3 "${LONG[@]}" --mode disaggregated --attention-ranks 1 --expert-ranks 3 --micro-batches 1,2
+bench long_colocated_4 "${LONG[@]}" --mode colocated --attention-ranks 2 --expert-ranks 2 --micro-batches 1
 table long_
 fi
 
