@@ -62,6 +62,29 @@ def test_iteration_time_equals_pingpong_simulation(t_a, t_e, t_c, m, layers):
         assert got == pytest.approx((t_a + t_e + 2 * t_c) + t_f * (m * layers - 1), rel=1e-9)
 
 
+def simulate_host_and_device(t_step: float, device: float, iterations: int, async_scheduling: bool) -> float:
+    """Mean seconds per iteration of a host that prepares each iteration in t_step and a device that runs it in
+    `device`. Synchronous: the host prepares k+1 after the device has finished k. Async: it prepares k+1 while
+    the device runs k, and never runs more than one iteration ahead (the engine's one step in flight)."""
+    host_done, device_done = 0.0, 0.0
+    for _ in range(iterations):
+        start_prep = host_done if async_scheduling else max(host_done, device_done)
+        if async_scheduling:  # the host may not prepare k+1 before the device has started k
+            start_prep = max(start_prep, device_done - device)
+        host_done = start_prep + t_step
+        device_done = max(device_done, host_done) + device
+    return device_done / iterations
+
+
+@given(times, times, times, st.integers(1, 8), st.integers(1, 16), st.floats(0, 5e-2))
+def test_iteration_time_with_the_step_term_equals_a_host_device_simulation(t_a, t_e, t_c, m, layers, t_step):
+    device = float(iteration_time(t_a, t_e, t_c, 0.0, m, layers))
+    n = 2000  # the simulation's start-up (one host preparation) fades from its mean
+    for a in (False, True):
+        got = float(iteration_time(t_a, t_e, t_c, 0.0, m, layers, t_step, a))
+        assert got == pytest.approx(simulate_host_and_device(t_step, device, n, a), rel=2e-3, abs=1e-9)
+
+
 profiles = st.builds(
     lambda w, kv, fa, fe, oa, oe, link, lat, s0, s1: replace(
         H200, weight_gbps=w, kv_gbps=kv, attn_tflops=fa, expert_tflops=fe, attn_overhead_us=oa, expert_overhead_us=oe,

@@ -42,6 +42,9 @@ def _hardware_args(p: argparse.ArgumentParser, workload: bool = True) -> None:
                    help="the driver rank's host work per decode iteration, which every GPU waits for (scheduling, "
                         "planning, the step header, sampling); overrides the profile's (0 in built-in profiles; "
                         "~3 ms measured on 4 x H200, docs/plan.md)")
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="the deployment runs with --async-scheduling: the driver's host work overlaps the GPUs' "
+                        "(an iteration takes the longer of the two instead of their sum)")
     if workload:
         p.add_argument("--context-len", type=int, default=2048, help="mean cached tokens per decoding sequence")
         p.add_argument("--max-len", type=int, default=None,
@@ -146,7 +149,8 @@ def _perf_model(args, synthetic: str | None = None, model: Path | None = None, n
                                                                  (args.expert_price or args.price))
     expert = expert.with_step_overhead(args.step_overhead_ms)
     cfg = model_config_for(synthetic, model, num_layers)
-    return PerfModel(model_costs(cfg, DTYPE_BYTES[args.dtype]), attn, expert, Workload(args.context_len, args.max_len))
+    return PerfModel(model_costs(cfg, DTYPE_BYTES[args.dtype]), attn, expert, Workload(args.context_len, args.max_len),
+                     async_scheduling=args.async_scheduling)
 
 
 def _constraints(args):

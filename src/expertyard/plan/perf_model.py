@@ -23,6 +23,7 @@ T_e and T_c are scaled by L_moe / L so that every per-layer figure is an average
 all layers are MoE). With T_f = max(T_a, T_e) and R = T_a + T_e + 2 T_c (one round trip of a micro-batch):
 
   iteration (= TPOT) = (L - 1) * P + (m - 1) * T_f + R + m * T_h + T_step,   P = max(m T_f, R)
+  with async scheduling (the host prepares iteration t+1 while the GPUs run t): max(the same without T_step, T_step)
 
 When the paper's ping-pong condition holds (m >= 2 (1 + T_c / T_f), which implies m T_f >= R, so P = m T_f)
 this is the paper's (T_a + T_e + 2 T_c) + T_f (m L - 1), plus the LM head; when it does not, P = R is the
@@ -106,9 +107,10 @@ class PerfModel:
     """T_a, T_e, T_c, T_h of a model on an attention GPU type and an expert GPU type (the same or not)."""
 
     def __init__(self, costs: ModelCosts, attn_hw: HardwareProfile, expert_hw: HardwareProfile,
-                 workload: Workload = Workload()):
+                 workload: Workload = Workload(), async_scheduling: bool = False):
         self.c, self.ha, self.he, self.w = costs, attn_hw, expert_hw, workload
         self.moe_fraction = costs.num_moe_layers / costs.num_layers
+        self.async_scheduling = async_scheduling  # T_step overlaps the GPUs' work (iteration_time)
 
     def kv_divisor(self, tp_a: int) -> int:
         return min(tp_a, self.c.kv_shards)
@@ -183,13 +185,15 @@ class PerfModel:
         return attn, expert
 
 
-def iteration_time(t_a, t_e, t_c, t_h, m, num_layers: int, t_step=0.0):
+def iteration_time(t_a, t_e, t_c, t_h, m, num_layers: int, t_step=0.0, async_scheduling: bool = False):
     """Seconds of one decode iteration (every sequence gets one token): see the module docstring. `t_step`:
-    the driver's serial host work per iteration (PerfModel.step_time)."""
+    the driver's host work per iteration (PerfModel.step_time), serial with the GPUs' work, or overlapping it
+    with `async_scheduling` (then the slower of the two sets the pace)."""
     t_f = np.maximum(t_a, t_e)
     r = t_a + t_e + 2 * t_c
     period = np.maximum(m * t_f, r)
-    return (num_layers - 1) * period + (m - 1) * t_f + r + m * t_h + t_step
+    device = (num_layers - 1) * period + (m - 1) * t_f + r + m * t_h
+    return np.maximum(device, t_step) if async_scheduling else device + t_step
 
 
 @dataclass(frozen=True)
@@ -232,7 +236,7 @@ def predict(model: PerfModel, dep: Deployment) -> Prediction:
                           f"{c.num_experts}")
     t_a, t_e, t_c, t_h = (float(x) for x in model.times(dep.tp_a, dep.tp_e, dep.n_a, dep.n_e, dep.b_a))
     t_step = float(model.step_time(dep.global_batch))
-    tpot = float(iteration_time(t_a, t_e, t_c, t_h, dep.m, c.num_layers, t_step))
+    tpot = float(iteration_time(t_a, t_e, t_c, t_h, dep.m, c.num_layers, t_step, model.async_scheduling))
     thr = dep.global_batch / tpot
     attn_mem, exp_mem = (float(x) for x in model.memory(dep.tp_a, dep.tp_e, dep.n_e, dep.m, dep.b_a))
     cost = cost_per_hour(model, dep)

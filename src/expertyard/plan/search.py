@@ -83,7 +83,8 @@ def feasible(model: PerfModel, tp_a: int, tp_e: int, n_a, n_e: int, m: int, b_a,
     ok &= (attn_mem <= model.ha.usable_bytes) & (exp_mem <= model.he.usable_bytes) & (np.asarray(b_a) >= 1)
     if cons.slo_tpot_s is not None:
         t_step = model.step_time(np.asarray(n_a) * m * np.asarray(b_a))
-        ok &= iteration_time(t_a, t_e, t_c, t_h, m, model.c.num_layers, t_step) <= cons.slo_tpot_s
+        ok &= iteration_time(t_a, t_e, t_c, t_h, m, model.c.num_layers, t_step, model.async_scheduling) \
+            <= cons.slo_tpot_s
     return ok
 
 
@@ -99,7 +100,8 @@ def _b_upper(model: PerfModel, tp_a: int, tp_e: int, n_a: np.ndarray, n_e: int, 
 
     def slo_ok(b):
         t = model.times(tp_a, tp_e, n_a, n_e, b)
-        return iteration_time(*t, m, c.num_layers, model.step_time(n_a * m * b)) <= cons.slo_tpot_s
+        return iteration_time(*t, m, c.num_layers, model.step_time(n_a * m * b), model.async_scheduling) \
+            <= cons.slo_tpot_s
 
     lo = np.zeros_like(hi)  # bisection: lo meets the SLO (or is 0: nothing does), every b > hi misses it
     while np.any(lo < hi):
@@ -165,7 +167,7 @@ def search(model: PerfModel, num_gpus: int, cons: Constraints = Constraints()) -
                         continue
                     unit = n_a * tp_a + n_e * tp_e
                     t = model.times(tp_a, tp_e, n_a, n_e, np.maximum(b, 1))
-                    tpot = iteration_time(*t, m, c.num_layers, model.step_time(n_a * m * b))
+                    tpot = iteration_time(*t, m, c.num_layers, model.step_time(n_a * m * b), model.async_scheduling)
                     thr = np.where(b > 0, n_a * m * b / tpot, 0.0)
                     total = (num_gpus // unit) * thr
                     if cons.objective == "per-cost" and model.ha.price_per_hour and model.he.price_per_hour:
