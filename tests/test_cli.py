@@ -23,10 +23,11 @@ def _json(capsys, argv):
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-def test_generate_greedy_equals_transformers(capsys, hf_bundled):
+@pytest.mark.parametrize("scheduling", ["off", "on"])
+def test_generate_greedy_equals_transformers(capsys, hf_bundled, scheduling):
     hf, tok = hf_bundled
     out = _json(capsys, ["generate", "--prompt", "Once upon a time", "--temperature", "0", "--max-tokens", "24",
-                         "--device", "cpu", "--json"])
+                         "--device", "cpu", "--async-scheduling", scheduling, "--json"])
     ids = tok("Once upon a time", return_tensors="pt").input_ids
     with torch.no_grad():
         ref = hf.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:]
@@ -42,6 +43,9 @@ def test_generate_offloaded_equals_resident(capsys):
     offloaded = _json(capsys, base + ["--offload", "--gpu-memory-budget", "650MiB", "--predictor", "next-gate"])
     assert offloaded["text"] == resident["text"]
     assert offloaded["offload"]["misses"] > 0
+    overlapped = _json(capsys, base + ["--offload", "--gpu-memory-budget", "650MiB", "--predictor", "next-gate",
+                                       "--async-scheduling", "on"])
+    assert overlapped["text"] == resident["text"]
 
 
 def test_eval_perplexity_equals_transformers(capsys, hf_bundled, tmp_path):
@@ -75,6 +79,8 @@ def test_user_errors_are_messages_not_tracebacks(capsys, tmp_path):
     assert "max_model_len is 64" in capsys.readouterr().err
     assert main(["generate", "--prompt", "hi", "--offload", "--gpu-memory-budget", "1MiB", "--device", "cpu"]) == 2
     assert "need at least" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "hi", "--async-scheduling", "both", "--device", "cpu"]) == 2
+    assert "pick on or off" in capsys.readouterr().err
 
 
 def test_bench_reports_throughput_and_bytes(capsys):
