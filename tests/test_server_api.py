@@ -26,10 +26,11 @@ KEY = "test-key"
 MAX_MODEL_LEN = 256
 
 
-def make_engine(max_num_seqs: int = 8, max_model_len: int = MAX_MODEL_LEN) -> LLMEngine:
+def make_engine(max_num_seqs: int = 8, max_model_len: int = MAX_MODEL_LEN, async_scheduling: bool = False) -> LLMEngine:
     path = bundled_model_path()
     return LLMEngine(load_model(path, "cpu", torch.float32, progress=False), load_tokenizer(path),
-                     EngineConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len))
+                     EngineConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                                  async_scheduling=async_scheduling))
 
 
 class RunningServer:
@@ -68,9 +69,10 @@ class RunningServer:
         return False
 
 
-@pytest.fixture(scope="module")
-def server():
-    s = RunningServer(make_engine())
+@pytest.fixture(scope="module", params=["sync", "async"])
+def server(request):
+    """Every API test runs against an engine with async scheduling off, then on (the reference is synchronous)."""
+    s = RunningServer(make_engine(async_scheduling=request.param == "async"))
     yield s
     s.stop()
 
