@@ -115,3 +115,22 @@ def test_length_capped_sequences_are_not_scheduled_past_their_last_token(bundled
     for s, total in zip(seqs, (3 + 3, 10)):
         # the last token is sampled, never fed back: the sequence's positions end one short of its length
         assert max(c.get(id(s), 0) for c in computed) == total - 1
+
+
+def test_switching_async_scheduling_between_steps_reports_every_token(bundled):
+    """The benchmarks switch the setting on a live engine: every token is still reported once by `step()` (what
+    a server streams), and the outputs are the synchronous engine's."""
+    requests = [([5, 9, 14, 3], SamplingParams(temperature=0, max_tokens=10)),
+                ([8, 2, 7], SamplingParams(temperature=0, max_tokens=7))]
+    ref = _run(_engine(bundled, False, 4), requests)
+    engine = _engine(bundled, True, 4)
+    seqs = [engine.add_request(p, sp) for p, sp in requests]
+    reported = {s.seq_id: 0 for s in seqs}
+    step = 0
+    while engine.has_unfinished():
+        step += 1
+        engine.config.async_scheduling = step % 3 != 0  # off every third step
+        for s in engine.step():
+            reported[s.seq_id] += 1
+    assert [s.output_token_ids for s in seqs] == [r[0] for r in ref]
+    assert [reported[s.seq_id] for s in seqs] == [len(r[0]) for r in ref]

@@ -1,4 +1,5 @@
-"""The step loop: scheduler.schedule() -> model_runner.run() -> sample -> postprocess."""
+"""The step loop: scheduler.schedule() -> model_runner.run() -> sample -> postprocess; with async scheduling,
+step t+1 is scheduled and launched before step t's tokens are post-processed (engine/placeholders.py)."""
 
 from __future__ import annotations
 
@@ -128,8 +129,8 @@ class LLMEngine:
             self._commit(launched)
             if self.config.async_scheduling:
                 self._in_flight = launched
-            else:
-                done = self._process(launched)
+            else:  # (after a switch from async, `done` holds the step that was in flight)
+                done += self._process(launched)
         return done
 
     def _launch(self, step: ScheduledStep, prev: _Launched | None) -> _Launched:

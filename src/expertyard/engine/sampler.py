@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from expertyard.engine.host_ints import host_tensor
 from expertyard.engine.sampling_params import SamplingParams
 
 # N = rows (sequences that sample this step), V = vocabulary
@@ -12,10 +13,11 @@ from expertyard.engine.sampling_params import SamplingParams
 def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Apply temperature, top-k and top-p row by row parameters; logits [N, V] float32 -> [N, V]."""
     device = logits.device
-    temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=device)
+    # staged through pinned memory: a blocking copy would wait for the device (and undo async scheduling)
+    temps = host_tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], torch.float32, device)
     logits = logits / temps[:, None]
-    top_k = torch.tensor([p.top_k for p in params], device=device)
-    top_p = torch.tensor([p.top_p for p in params], device=device)
+    top_k = host_tensor([p.top_k for p in params], torch.long, device)
+    top_p = host_tensor([p.top_p for p in params], torch.float32, device)
     if any(p.top_k > 0 or p.top_p < 1 for p in params):
         sorted_logits, order = logits.sort(dim=-1, descending=True)  # [N, V]
         rank = torch.arange(logits.shape[-1], device=device)[None, :]
