@@ -88,6 +88,7 @@ class DistributedRunner:
         self._heartbeat = threading.Thread(target=self._beat, name="expertyard-heartbeat", daemon=True)
         self._heartbeat.start()
         self._profiler = StepProfiler(0, "attention, driver")
+        STEP_TIMER.label = "rank 0 (attention, driver)"
         self._tokens_sent = None  # the send of sampled tokens to the other attention ranks in progress
 
     def _broadcast(self, header: StepHeader) -> None:
@@ -174,17 +175,23 @@ class DistributedRunner:
 
 def follow(groups: Groups, attention: AttentionRank | None, expert_worker) -> None:
     """The loop of every rank but 0: run each step's share until rank 0 says stop."""
-    profiler = StepProfiler(dist.get_rank(), "attention" if attention is not None else "expert")
+    role = "attention" if attention is not None else "expert"
+    profiler = StepProfiler(dist.get_rank(), role)
+    STEP_TIMER.label = f"rank {dist.get_rank()} ({role})"
     while True:
+        STEP_TIMER.start()
         with record_function("expertyard.header_wait"):
             header = broadcast_header(None, groups)
         if header.command == "stop":
             return
         if header.command != "step":
             continue
+        STEP_TIMER.kind_of_step("decode" if header.graphs else "prefill, mixed or eager")
+        STEP_TIMER.mark("header wait")  # includes waiting for rank 0 to plan and send it
         profiler.step()
         with record_function("expertyard.layers"):
             if attention is not None:
                 attention.follow(header)
             else:
                 expert_worker.run_step(header.capacity, header.micro_batches, header.graphs)
+        STEP_TIMER.mark("layers (enqueue)")

@@ -25,6 +25,7 @@ import torch
 class StepTimer:
     def __init__(self, enabled: bool):
         self.enabled = enabled
+        self.label = ""  # whose steps (a deployment's ranks each print their own report)
         self.kind = ""
         self.times: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         self.steps: dict[str, int] = defaultdict(int)
@@ -74,7 +75,8 @@ class StepTimer:
         lines = []
         for kind, phases in self.times.items():
             host = sum(statistics.median(v) for k, v in phases.items() if not k.startswith("("))
-            lines.append(f"step times ({kind}, {self.steps[kind]} steps, medians): host {host * 1e3:.3f} ms")
+            who = f" of {self.label}" if self.label else ""
+            lines.append(f"step times{who} ({kind}, {self.steps[kind]} steps, medians): host {host * 1e3:.3f} ms")
             lines += [f"  {phase:>24} {statistics.median(v) * 1e3:9.3f} ms" for phase, v in phases.items()]
         return "\n".join(lines)
 
