@@ -1,0 +1,35 @@
+"""EXPERTYARD_STEP_TIMES' timer on a fake clock: per-kind medians of each phase, nothing recorded when off."""
+
+from __future__ import annotations
+
+import pytest
+
+from expertyard.engine import step_timer
+from expertyard.engine.step_timer import StepTimer
+
+
+def test_medians_per_kind_and_phase(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(step_timer.time, "perf_counter", lambda: now[0])
+    t = StepTimer(enabled=True)
+    t.label = "rank 0"
+    # three decode steps: schedule 1, 2, 9 ms; plan 4, 4, 5 ms; one prefill step: schedule 7 ms
+    for kind, phases in [("decode", [("schedule", 1), ("plan", 4)]), ("decode", [("schedule", 2), ("plan", 4)]),
+                         ("prefill", [("schedule", 7)]), ("decode", [("schedule", 9), ("plan", 5)])]:
+        t.start()
+        t.kind_of_step(kind)
+        for phase, ms in phases:
+            now[0] += ms / 1e3
+            t.mark(phase)
+    report = t.report()
+    assert "step times of rank 0 (decode, 3 steps, medians): host 6.000 ms" in report  # 2 + 4
+    assert "step times of rank 0 (prefill, 1 steps, medians): host 7.000 ms" in report
+    assert t.times["decode"]["schedule"] == pytest.approx([0.001, 0.002, 0.009])
+
+
+def test_off_records_nothing():
+    t = StepTimer(enabled=False)
+    t.start()
+    t.kind_of_step("decode")
+    t.mark("schedule")
+    assert not t.times and not t.steps and t.report() == ""
