@@ -71,7 +71,9 @@ def decode_throughput(engine: LLMEngine, batch: int, prompt_len: int, decode_tok
                 assert before == batch, f"{before} tokens were generated before the timed decode steps, not one per prompt"
                 generated = batch * decode_tokens - before
                 out.append({"micro_batches": m, "async_scheduling": a, "decode_tokens_per_s": generated / dt,
-                            "tpot_ms": 1e3 * dt / (decode_tokens - 1), "steps": steps})  # (a: one call drains)
+                            # decode_tokens - 1 decode steps ran (with async scheduling `steps` counts one more
+                            # call, which only reads the last step's tokens)
+                            "tpot_ms": 1e3 * dt / (decode_tokens - 1), "steps": steps})
     finally:
         engine.scheduler.prefill_first, engine.config.async_scheduling = held
     return out
