@@ -195,10 +195,11 @@ def test_graph_capacities_cover_every_micro_batch():
 
 # ---- failures -------------------------------------------------------------------------------------------
 
-def _generate_until_down(engine, out_dir: str):
+def _generate_until_down(engine, out_dir: str, async_scheduling: bool):
     """Rank 0's job in the failure test: keep decoding; report the error and the runner's state."""
     from expertyard.engine.sampling_params import SamplingParams
 
+    engine.config.async_scheduling = async_scheduling
     params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
     for p in ([5, 6, 7], [8, 9]):
         engine.add_request(p, params)
@@ -215,10 +216,10 @@ def _generate_until_down(engine, out_dir: str):
     return steps
 
 
-def _rank_process(rank: int, world: int, port: int, cfg: DisaggConfig, out_dir: str) -> None:
+def _rank_process(rank: int, world: int, port: int, cfg: DisaggConfig, out_dir: str, async_scheduling: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    job = functools.partial(_generate_until_down, out_dir=out_dir)
+    job = functools.partial(_generate_until_down, out_dir=out_dir, async_scheduling=async_scheduling)
     try:
         run_rank(cfg, TINY, EngineSettings(max_num_seqs=4, max_model_len=256), rank, world, torch.device("cpu"),
                  torch.float32, job)
@@ -226,8 +227,8 @@ def _rank_process(rank: int, world: int, port: int, cfg: DisaggConfig, out_dir: 
         exit_now(3)
 
 
-@pytest.mark.parametrize("how", ["kill", "stop"])
-def test_dead_or_hung_rank_ends_every_other_rank_with_an_error(tmp_path, how):
+@pytest.mark.parametrize("how,async_scheduling", [("kill", False), ("stop", True)])
+def test_dead_or_hung_rank_ends_every_other_rank_with_an_error(tmp_path, how, async_scheduling):
     import multiprocessing as mp
 
     from expertyard.disagg.launch import _free_port
@@ -235,7 +236,8 @@ def test_dead_or_hung_rank_ends_every_other_rank_with_an_error(tmp_path, how):
     timeout = 10.0
     cfg = DisaggConfig(attention_ranks=2, expert_ranks=2, dist_timeout=timeout)
     ctx, port = mp.get_context("spawn"), _free_port()
-    procs = [ctx.Process(target=_rank_process, args=(r, 4, port, cfg, str(tmp_path))) for r in range(4)]
+    procs = [ctx.Process(target=_rank_process, args=(r, 4, port, cfg, str(tmp_path), async_scheduling))
+             for r in range(4)]
     for p in procs:
         p.start()
     try:
@@ -314,7 +316,7 @@ def test_serve_disaggregate_answers_like_one_process_then_503_when_a_rank_dies(t
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "expertyard.entrypoints.cli", "serve", "--disaggregate",
                              "--attention-ranks", "1", "--expert-ranks", "2", "--device", "cpu", "--port", str(port),
-                             "--dist-timeout", "20"], stdout=log, stderr=subprocess.STDOUT)
+                             "--dist-timeout", "20", "--async-scheduling", "on"], stdout=log, stderr=subprocess.STDOUT)
 
     def post(prompt):
         req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", method="POST",
