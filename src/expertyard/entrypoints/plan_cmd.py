@@ -187,7 +187,7 @@ def run_search(args) -> int:
     print(f"best plan for {label} on {args.gpus} GPUs, {_hardware_label(pm)}, context {args.context_len}{slo}:")
     print(f"  {best.replicas} replica(s) of the unit below: {best.gpus_used} of {args.gpus} GPUs, "
           f"{best.total_throughput:,.0f} decode tok/s in total")
-    print("\n".join(describe_prediction(best.prediction, pm.ha.usable_bytes, pm.he.usable_bytes)))
+    print("\n".join(describe_prediction(best.prediction, pm.ha.usable_bytes, pm.he.usable_bytes, pm.async_scheduling)))
     print(f"\ntop {len(plans)} candidates (the best n_a for each tp_a, tp_e, n_e, m; times per layer):")
     print(table(CANDIDATE_HEADERS, candidate_rows(plans)))
     return 0
@@ -214,7 +214,7 @@ def run_predict(args) -> int:
                           "context_len": args.context_len, **q.to_dict(), "tpot_ms": q.tpot * 1e3}))
         return 0
     print(f"predicted decode of {label} on {_hardware_label(pm)}, context {args.context_len}:")
-    print("\n".join(describe_prediction(q, pm.ha.usable_bytes, pm.he.usable_bytes)))
+    print("\n".join(describe_prediction(q, pm.ha.usable_bytes, pm.he.usable_bytes, pm.async_scheduling)))
     return 0
 
 

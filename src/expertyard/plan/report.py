@@ -38,13 +38,15 @@ def candidate_rows(plans: list[Plan]) -> list[list[str]]:
     return rows
 
 
-def describe_prediction(q: Prediction, usable_a: float, usable_e: float) -> list[str]:
+def describe_prediction(q: Prediction, usable_a: float, usable_e: float, async_scheduling: bool = False) -> list[str]:
     d = q.deployment
+    host = "overlapping the GPUs (async scheduling)" if async_scheduling else "serial with the GPUs"
     return [
         f"  unit: {d.n_a} attention node(s) x tp {d.tp_a} + {d.n_e} expert node(s) x tp {d.tp_e} = {d.gpus} GPUs",
         f"  micro-batches: m={d.m} of b_a={d.b_a} sequences per attention node, global batch {d.global_batch}",
         f"  per layer and micro-batch: T_a {q.t_a * 1e3:.3f} ms, T_e {q.t_e * 1e3:.3f} ms, T_c {q.t_c * 1e3:.3f} ms; "
-        f"LM head {q.t_h * 1e3:.3f} ms per micro-batch; driver host work {q.t_step * 1e3:.3f} ms per iteration",
+        f"LM head {q.t_h * 1e3:.3f} ms per micro-batch; driver host work {q.t_step * 1e3:.3f} ms per iteration, "
+        f"{host}",
         f"  constraints: balance |T_a-T_e|/T_f = {q.balance:.1%}, T_c < T_f: {'yes' if q.comm_hidden else 'NO'}, "
         f"m >= 2(1+T_c/T_f) = {q.min_micro_batches:.2f}: {'yes' if d.m >= q.min_micro_batches else 'NO'}, "
         f"memory: {'fits' if q.fits_memory else 'DOES NOT FIT'}",
