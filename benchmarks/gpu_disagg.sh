@@ -99,20 +99,22 @@ bench eager_2x2 "${S[@]}" --mode disaggregated --attention-ranks 2 --expert-rank
 table ""
 fi
 
+large_batch() {  # prefix of the runs' names, then the shape's flags: 2+2 and 1+3 ping-pong, colocated 4
+  local p=$1; shift
+  bench "${p}pingpong_2x2" "$@" --mode disaggregated --attention-ranks 2 --expert-ranks 2 --micro-batches 1,2
+  bench "${p}pingpong_1x3" "$@" --mode disaggregated --attention-ranks 1 --expert-ranks 3 --micro-batches 1,2
+  bench "${p}colocated_4" "$@" --mode colocated --attention-ranks 2 --expert-ranks 2 --micro-batches 1
+  table "$p"
+}
+
 if [[ $STEPS == *d* ]]; then
 echo "== (d) decode on 4 ranks, large batch, few big experts" | tee -a "$LOG"
-bench big_pingpong_2x2 "${BIG[@]}" --mode disaggregated --attention-ranks 2 --expert-ranks 2 --micro-batches 1,2
-bench big_pingpong_1x3 "${BIG[@]}" --mode disaggregated --attention-ranks 1 --expert-ranks 3 --micro-batches 1,2
-bench big_colocated_4 "${BIG[@]}" --mode colocated --attention-ranks 2 --expert-ranks 2 --micro-batches 1
-table big_
+large_batch big_ "${BIG[@]}"
 fi
 
 if [[ $STEPS == *e* ]]; then
 echo "== (e) decode on 4 ranks, large batch, longer context (attention time ~ expert time)" | tee -a "$LOG"
-bench long_pingpong_2x2 "${LONG[@]}" --mode disaggregated --attention-ranks 2 --expert-ranks 2 --micro-batches 1,2
-bench long_pingpong_1x3 "${LONG[@]}" --mode disaggregated --attention-ranks 1 --expert-ranks 3 --micro-batches 1,2
-bench long_colocated_4 "${LONG[@]}" --mode colocated --attention-ranks 2 --expert-ranks 2 --micro-batches 1
-table long_
+large_batch long_ "${LONG[@]}"
 fi
 
 if [[ $STEPS == *f* ]]; then

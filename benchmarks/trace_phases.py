@@ -6,8 +6,8 @@ For each trace (one rank): device time by kind of kernel (NCCL, fused MoE, atten
 the window some compute kernel was running, how much only NCCL was, and how much the GPU idled; then, for the
 ranks together on one clock (traces of one host share it), the segments of one step in order: runs of
 consecutive kernels of one kind on one rank, so the serial chain attention -> dispatch -> experts -> combine and
-the gaps between its links can be read off. `--step-window US` bounds that listing (default: 1.2 layers'
-worth is not known here, so the first 6 ms after the first kernel of the last step).
+the gaps between its links can be read off. `--step-window US` bounds that listing (default: the first 6 ms
+after rank 0's last step begins).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from pathlib import Path
 
 KINDS = (
     ("nccl", re.compile(r"nccl", re.I)),
-    ("fused_moe", re.compile(r"fused_moe|moe_align|_moe_", re.I)),
-    ("attention", re.compile(r"attention|attn|flash|decode_attn", re.I)),
+    ("fused_moe", re.compile(r"fused_moe|moe_align|_moe_|_gate_up_kernel|_down_kernel|_offsets_kernel", re.I)),
+    ("attention", re.compile(r"attention|attn|flash|_decode_kernel", re.I)),
     ("gemm", re.compile(r"gemm|cutlass|nvjet|sm90_|sm80_|cublas|matmul", re.I)),
 )
 
@@ -98,20 +98,16 @@ def summary(kernels: list[Kernel], ranges) -> list[str]:
 
 def segments(kernels: list[Kernel], start: float, span: float, merge_gap: float = 3.0) -> list[str]:
     """Runs of one kind on one rank's stream within [start, start + span), in start order."""
-    rows: list[list] = []
-    open_runs: dict[tuple, list] = {}
+    rows: list[list] = []  # [rank, stream, kind, end, kernels, start]
     for k in kernels:
         if not start <= k.start < start + span:
             continue
-        key = (k.rank, k.stream, k.kind)
-        run = open_runs.get(key)
-        if run is not None and k.start - run[3] <= merge_gap and rows and rows[-1] is run:
-            run[3] = max(run[3], k.end)
-            run[4] += 1
-            continue
-        run = [k.rank, k.stream, k.kind, k.end, 1, k.start]
-        open_runs[key] = run
-        rows.append(run)
+        last = rows[-1] if rows else None
+        if last is not None and last[:3] == [k.rank, k.stream, k.kind] and k.start - last[3] <= merge_gap:
+            last[3] = max(last[3], k.end)
+            last[4] += 1
+        else:
+            rows.append([k.rank, k.stream, k.kind, k.end, 1, k.start])
     out = [f"{'t (us)':>9} {'rank':>6} {'stream':>6} {'kind':>10} {'us':>8} {'kernels':>7}"]
     for rank, stream, kind, end, n, s in rows:
         out.append(f"{s - start:9.1f} {rank:>6} {stream:>6} {kind:>10} {end - s:8.1f} {n:7d}")
