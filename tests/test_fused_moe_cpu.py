@@ -81,34 +81,3 @@ def test_import_does_not_need_triton():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
     code = "import sys, expertyard.kernels; assert 'triton' not in sys.modules, 'importing kernels imported triton'"
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("routing", ["distinct", "skewed", "duplicates"])
-@pytest.mark.parametrize("t,e,k", [(1, 4, 1), (17, 8, 2), (40, 5, 2)])
-def test_grouped_gemm_path_matches_reference_and_drops_foreign_ids(t, e, k, routing, dtype):
-    """The grouped-GEMM path's sort, offsets, gather and masked scatter (the same code runs on GPUs, where the
-    GEMMs are CUTLASS'); ids -1 and >= E (experts on other ranks) contribute nothing."""
-    from expertyard.kernels.fused_moe_grouped import fused_moe_grouped
-
-    x, w13, w2, ids, topk_w = make_inputs(t, e, k, D, I, dtype, routing, seed=t + e + k)
-    foreign = torch.zeros_like(ids, dtype=torch.bool)
-    foreign[::3, 0] = True
-    foreign[1::4, -1] = True
-    ids_seen = torch.where(foreign, torch.where(torch.arange(t)[:, None] % 2 == 0, -1, e + 1), ids)
-    y = fused_moe_grouped(x, w13, w2, ids_seen, topk_w)
-    ref = fused_moe_reference(x, w13, w2, ids, torch.where(foreign, 0.0, topk_w))
-    assert y.dtype == dtype and y.shape == (t, D) and torch.isfinite(y).all()
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(y.float(), ref.float(), rtol=tol, atol=tol * ref.abs().max().item())
-
-
-def test_gemm_choice(monkeypatch):
-    from expertyard.errors import ConfigError
-    from expertyard.kernels.fused_moe import uses_grouped_gemm
-
-    x = torch.zeros(4096, D, dtype=torch.bfloat16)
-    assert not uses_grouped_gemm(x, 8192, 8)  # CPU tensors take the torch path, whatever the size
-    monkeypatch.setenv("EXPERTYARD_MOE_GEMM", "cutlass")
-    with pytest.raises(ConfigError, match="EXPERTYARD_MOE_GEMM='cutlass'.*auto, triton or grouped"):
-        uses_grouped_gemm(x, 8192, 8)

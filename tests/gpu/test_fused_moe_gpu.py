@@ -1,10 +1,9 @@
-"""fused_moe on CUDA (both paths: the Triton kernels and torch's grouped GEMMs, forced through EXPERTYARD_MOE_GEMM)
-against the naive float32 reference, eagerly and after a CUDA-graph replay."""
+"""The Triton fused_moe against the naive float32 reference, eagerly and after a CUDA-graph replay."""
 
 import pytest
 import torch
 
-from expertyard.kernels.fused_moe import GROUPED_MIN_ROWS, fused_moe, fused_moe_reference, uses_grouped_gemm
+from expertyard.kernels.fused_moe import fused_moe, fused_moe_reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -15,13 +14,6 @@ TOL = {  # (rtol, atol relative to max|ref|, max relative Frobenius error)
     torch.float16: (1e-2, 3e-3, 3e-3),
     torch.float32: (1e-4, 1e-5, 1e-5),
 }
-
-
-@pytest.fixture(params=["triton", "grouped"])
-def gemm(request, monkeypatch):
-    """Runs the test once per CUDA path (grouped GEMMs take bf16 only: other dtypes stay on Triton)."""
-    monkeypatch.setenv("EXPERTYARD_MOE_GEMM", request.param)
-    return request.param
 
 
 def make_inputs(t, e, k, d, i, dtype, seed=0, id_dtype=torch.int64):
@@ -51,19 +43,19 @@ def reference(x, w13, w2, ids, topk_w):
 @pytest.mark.parametrize("k", [2, 6])
 @pytest.mark.parametrize("e", [8, 64])
 @pytest.mark.parametrize("t", [1, 2, 7, 32, 64, 300])
-def test_matches_reference(t, e, k, d, i, dtype, gemm):
+def test_matches_reference(t, e, k, d, i, dtype):
     x, w13, w2, ids, topk_w = make_inputs(t, e, k, d, i, dtype, seed=t + 1000 * k + 7 * e)
     check(fused_moe(x, w13, w2, ids, topk_w), reference(x, w13, w2, ids, topk_w), dtype)
 
 
 @pytest.mark.parametrize("d,i", [(256, 128), (320, 200)])
-@pytest.mark.parametrize("t", [1, 7, 300])
+@pytest.mark.parametrize("t", [1, 7, 300, 700])  # 700: the largest block-size bucket
 def test_float32(t, d, i):
     x, w13, w2, ids, topk_w = make_inputs(t, 8, 2, d, i, torch.float32, seed=t)
     check(fused_moe(x, w13, w2, ids, topk_w), reference(x, w13, w2, ids, topk_w), torch.float32)
 
 
-def test_int32_ids_bf16_weights_strided_x_and_skewed_routing(gemm):
+def test_int32_ids_bf16_weights_strided_x_and_skewed_routing():
     x, w13, w2, ids, topk_w = make_inputs(50, 16, 4, 320, 200, torch.bfloat16, seed=3, id_dtype=torch.int32)
     ids[:40] = torch.tensor([0, 1, 2, 3], device="cuda", dtype=torch.int32)  # 40 tokens on 4 experts, 12 unused
     x_strided = torch.randn(50, 400, device="cuda", dtype=torch.bfloat16)[:, 40:360]  # [T, D], row stride 400
@@ -72,7 +64,7 @@ def test_int32_ids_bf16_weights_strided_x_and_skewed_routing(gemm):
     check(fused_moe(x_strided, w13, w2, ids, w), reference(x, w13, w2, ids, w), torch.bfloat16)
 
 
-def test_out_of_range_ids_are_dropped(gemm):
+def test_out_of_range_ids_are_dropped():
     x, w13, w2, ids, topk_w = make_inputs(20, 8, 2, 256, 128, torch.bfloat16, seed=5)
     ids[::3, 1] = -1
     ids[1::3, 0] = 8
@@ -82,14 +74,14 @@ def test_out_of_range_ids_are_dropped(gemm):
 
 
 @pytest.mark.parametrize("t", [1, 32])
-def test_mixtral_shape(t, gemm):
+def test_mixtral_shape(t):
     x, w13, w2, ids, topk_w = make_inputs(t, 8, 2, 4096, 14336, torch.bfloat16, seed=11)
     y = fused_moe(x, w13, w2, ids, topk_w)
     ref = fused_moe_reference(x.float(), w13, w2, ids, topk_w)  # upcasts one expert at a time
     check(y, ref, torch.bfloat16)
 
 
-def test_no_host_sync(gemm):
+def test_no_host_sync():
     x, w13, w2, ids, topk_w = make_inputs(64, 64, 6, 256, 128, torch.bfloat16)
     fused_moe(x, w13, w2, ids, topk_w)  # warm-up: compiles
     torch.cuda.set_sync_debug_mode("error")
@@ -100,7 +92,7 @@ def test_no_host_sync(gemm):
 
 
 @pytest.mark.parametrize("t,e,k", [(1, 8, 2), (7, 64, 6), (64, 8, 2), (300, 64, 6)])
-def test_cuda_graph_replay_with_new_routing(t, e, k, gemm):
+def test_cuda_graph_replay_with_new_routing(t, e, k):
     d, i, dtype = 320, 200, torch.bfloat16
     x, w13, w2, ids, topk_w = make_inputs(t, e, k, d, i, dtype, seed=1)
     stream = torch.cuda.Stream()
@@ -121,15 +113,3 @@ def test_cuda_graph_replay_with_new_routing(t, e, k, gemm):
         graph.replay()
         torch.cuda.synchronize()
         check(y, reference(x, w13, w2, ids, topk_w), dtype)
-
-
-def test_auto_choice_follows_rows_per_expert(monkeypatch):
-    """Grouped GEMMs for bf16 from GROUPED_MIN_ROWS rows per expert on Hopper, Triton below and for other dtypes;
-    either way the answer matches the reference."""
-    monkeypatch.delenv("EXPERTYARD_MOE_GEMM", raising=False)
-    hopper = torch.cuda.get_device_capability() >= (9, 0)
-    for t, dtype, grouped in [(4 * GROUPED_MIN_ROWS, torch.bfloat16, hopper), (GROUPED_MIN_ROWS // 2, torch.bfloat16, False),
-                              (4 * GROUPED_MIN_ROWS, torch.float16, False)]:
-        x, w13, w2, ids, topk_w = make_inputs(t, 8, 2, 256, 128, dtype, seed=t)
-        assert uses_grouped_gemm(x, ids.numel(), 8) == grouped
-        check(fused_moe(x, w13, w2, ids, topk_w), reference(x, w13, w2, ids, topk_w), dtype)

@@ -1,9 +1,7 @@
 """Grouped expert FFN: y[t] = sum_k w[t,k] * down_e(silu(gate_e(x[t])) * up_e(x[t])), e = topk_ids[t,k].
 
-Implementations of one function:
-- CUDA tensors: Triton kernels (kernels/fused_moe_triton.py), no host sync, CUDA-graph capturable; or, for bf16
-  with many rows per expert (compute-bound), torch's grouped GEMMs (kernels/fused_moe_grouped.py), likewise.
-  `uses_grouped_gemm` picks; EXPERTYARD_MOE_GEMM=triton|grouped forces one (A/B runs).
+Three implementations of one function:
+- CUDA tensors: Triton kernels (kernels/fused_moe_triton.py), no host sync, CUDA-graph capturable.
 - other devices: `fused_moe_torch`, a vectorised per-expert loop (host syncs are fine off the GPU).
 - `fused_moe_reference`: a naive loop over (token, k) pairs, for tests only.
 Triton is imported only when a CUDA tensor arrives, so CPU-only machines never need it.
@@ -11,12 +9,8 @@ Triton is imported only when a CUDA tensor arrives, so CPU-only machines never n
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
-
-from expertyard.errors import ConfigError
 
 # T = tokens, K = experts per token (top-k), P = T*K (token, expert) pairs, E = experts,
 # D = hidden size, I = expert intermediate size
@@ -37,10 +31,6 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: to
     if x.shape[0] == 0:
         return x.new_zeros(x.shape)
     if x.is_cuda:
-        if uses_grouped_gemm(x, topk_ids.numel(), w13.shape[0]):
-            from expertyard.kernels.fused_moe_grouped import fused_moe_grouped
-
-            return fused_moe_grouped(x, w13, w2, topk_ids, topk_w)
         try:
             from expertyard.kernels.fused_moe_triton import fused_moe_triton
         except ImportError as e:
@@ -48,23 +38,6 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_ids: to
                                "move the tensors to the CPU to use the torch implementation") from e
         return fused_moe_triton(x, w13, w2, topk_ids, topk_w)
     return fused_moe_torch(x, w13, w2, topk_ids, topk_w)
-
-
-GROUPED_MIN_ROWS = 128  # expected (token, expert) rows per expert from which grouped GEMMs beat Triton (bf16, H200)
-
-
-def uses_grouped_gemm(x: torch.Tensor, num_pairs: int, num_experts: int) -> bool:
-    """Whether `fused_moe` runs torch's grouped GEMMs (else the Triton kernels) for CUDA input x: bf16 on a
-    Hopper-or-newer GPU with at least GROUPED_MIN_ROWS pairs per expert on average (shapes only, never routing)."""
-    choice = os.environ.get("EXPERTYARD_MOE_GEMM", "auto")
-    if choice not in ("auto", "triton", "grouped"):
-        raise ConfigError(f"EXPERTYARD_MOE_GEMM={choice!r}: use auto, triton or grouped")
-    if not x.is_cuda or x.dtype != torch.bfloat16 or not hasattr(F, "grouped_mm") or choice == "triton":
-        return False
-    if choice == "grouped":
-        return True
-    return (torch.cuda.get_device_capability(x.device) >= (9, 0)
-            and num_pairs / max(1, min(num_pairs, num_experts)) >= GROUPED_MIN_ROWS)
 
 
 def _check_inputs(x, w13, w2, topk_ids, topk_w) -> None:
