@@ -45,12 +45,17 @@ CASES = {
 }
 
 # Triton block sizes tried besides the default: BLOCK_M, gate_up (BN, BK, warps, stages), down (BN, BK, warps, stages)
-SWEEP = [
+SWEEP = [  # run 1 of session 7 tried the first five; the rest aim at ~256 rows per expert (BLOCK_M padding)
     (128, (128, 64, 8, 4), (128, 64, 8, 4)),
     (128, (128, 64, 8, 4), (256, 64, 8, 4)),
     (64, (128, 64, 4, 4), (128, 64, 4, 4)),
     (64, (128, 64, 8, 4), (256, 64, 8, 3)),
     (128, (64, 64, 4, 4), (128, 64, 4, 4)),
+    (64, (256, 64, 8, 3), (256, 64, 8, 3)),
+    (64, (256, 64, 8, 3), (256, 64, 8, 4)),
+    (64, (128, 128, 4, 3), (256, 64, 4, 4)),
+    (128, (128, 64, 8, 3), (256, 64, 8, 3)),
+    (128, (256, 32, 8, 4), (256, 64, 8, 4)),
 ]
 
 
@@ -100,6 +105,7 @@ def main():
     ap.add_argument("--out", default="moe_paths.json")
     ap.add_argument("--cases", nargs="*", default=list(CASES))
     ap.add_argument("--no-sweep", action="store_true", help="skip the Triton block-size alternatives")
+    ap.add_argument("--sweep-from", type=int, default=0, help="skip the first N entries of SWEEP")
     args = ap.parse_args()
     props = torch.cuda.get_device_properties(0)
     result = {"device": props.name, "date": str(datetime.date.today()), "torch": torch.__version__,
@@ -127,7 +133,7 @@ def main():
         grp_ms = graph_ms(lambda: grouped_gemm_moe(x, w13, w2, ids, topk_w))
         sweep = []
         if not args.no_sweep and kept / e_local >= 64:
-            for bm, gu, dn in SWEEP:
+            for bm, gu, dn in SWEEP[args.sweep_from:]:
                 cfg = sweep_config(bm, gu, dn)
                 try:
                     ms = graph_ms(lambda: fused_moe_triton(x, w13, w2, ids, topk_w, config=cfg))
