@@ -1,5 +1,6 @@
-"""Predicted vs measured decode TPOT: `expertyard plan predict` with calibrated profiles for every run of
-`expertyard bench --disaggregate` JSON results; prints a markdown table (docs/plan.md).
+"""Predicted vs measured decode TPOT: `expertyard plan predict` (`--mode colocated` for colocated runs) with
+calibrated profiles for every run of `expertyard bench --disaggregate` JSON results; prints a markdown table
+(docs/plan.md).
 
     python benchmarks/plan_vs_measured.py --profiles A.json,B.json --model mixtral-8x7b --num-layers 8 \
         RESULT.json[:CONTEXT] ...      (CONTEXT: mean cached tokens of the timed steps; default prompt + decode/2)
@@ -15,11 +16,11 @@ from pathlib import Path
 
 
 def predict(profile: str, model: str, layers: int, n_a: int, n_e: int, m: int, batch: int, context: int,
-            async_scheduling: bool = False) -> float | None:
+            async_scheduling: bool = False, mode: str = "disaggregated") -> float | None:
     argv = [sys.executable, "-m", "expertyard.entrypoints.cli", "plan", "predict", "--synthetic", model,
             "--num-layers", str(layers), "--attention-ranks", str(n_a), "--expert-ranks", str(n_e),
             "--micro-batches", str(m), "--batch", str(batch), "--context-len", str(context), "--profile", profile,
-            "--json"] + (["--async-scheduling"] if async_scheduling else [])
+            "--mode", mode, "--json"] + (["--async-scheduling"] if async_scheduling else [])
     done = subprocess.run(argv, capture_output=True, text=True)
     if done.returncode:  # e.g. experts that the expert ranks cannot split evenly: the model refuses
         return None
@@ -41,9 +42,8 @@ def main() -> None:
     for spec in args.results:
         path, _, ctx = spec.partition(":")
         r = json.loads(Path(path).read_text())
-        n_a, n_e = r["attention_ranks"], r["expert_ranks"]
-        if n_a is None:
-            continue  # colocated: not what the model describes
+        mode = r.get("mode", "disaggregated")
+        n_a, n_e = (r["gpus"], 0) if mode == "colocated" else (r["attention_ranks"], r["expert_ranks"])
         context = int(ctx) if ctx else r["prompt_len"] + r["decode_tokens"] // 2
         for run in r["runs"]:
             m, b = run["micro_batches"], run["batch"]
@@ -52,9 +52,10 @@ def main() -> None:
             a = run.get("async_scheduling", False)
             cells = ""
             for p in profiles:
-                t = predict(p, args.model, args.num_layers, n_a, n_e, m, b, context, a)
+                t = predict(p, args.model, args.num_layers, n_a, n_e, m, b, context, a, mode)
                 cells += " not modelled | |" if t is None else f" {t:.2f} | {run['tpot_ms'] / t:.2f} |"
-            print(f"| {n_a + n_e} | {n_a} + {n_e}, {b}, {context} | {m} | {'on' if a else 'off'} | "
+            what = f"colocated {n_a}" if mode == "colocated" else f"{n_a} + {n_e}"
+            print(f"| {n_a + n_e} | {what}, {b}, {context} | {m} | {'on' if a else 'off'} | "
                   f"{run['tpot_ms']:.2f} |{cells}")
 
 

@@ -8,7 +8,8 @@ import pytest
 from expertyard.entrypoints.cli import main
 from expertyard.plan.model_costs import model_costs
 from expertyard.plan.model_specs import model_config_for
-from expertyard.plan.perf_model import PerfModel, Workload
+from expertyard.plan.colocated import predict_colocated
+from expertyard.plan.perf_model import Deployment, PerfModel, Workload, predict
 from expertyard.plan.profiles import load_profile
 
 
@@ -92,6 +93,30 @@ def test_table_of_paper_models(capsys):
     assert main(["plan", "table", "--gpus", "8,64", "--markdown"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("| model | GPUs |") and "| mixtral-8x22b | 8 |" in out and "| scaled-moe-317b | 64 |" in out
+    assert "x colocated |" in out.splitlines()[0]
+    table = _json(capsys, ["plan", "table", "--synthetic", "dbrx", "--gpus", "16", "--slo-tpot", "150", "--json"])
+    plan = table["plans"][0]
+    co = plan["colocated"]  # the best colocated deployment of the same GPUs within the same SLO
+    assert co["tpot"] <= 0.150 and co["fits_memory"] and co["unit"] * co["replicas"] <= 16
+
+
+def test_predict_colocated_and_the_comparison(capsys):
+    co = _json(capsys, ["plan", "predict", "--synthetic", "mixtral-8x7b", "--num-layers", "8", "--mode", "colocated",
+                        "--attention-ranks", "2", "--expert-ranks", "2", "--micro-batches", "1", "--batch", "2048",
+                        "--context-len", "272", "--profile", "h100", "--json"])
+    pm = PerfModel(model_costs(model_config_for("mixtral-8x7b", num_layers=8)), load_profile("h100"),
+                   load_profile("h100"), Workload(272))
+    assert co["unit"] == 4 and co["batch"] == 2048
+    assert co["tpot"] == pytest.approx(predict_colocated(pm, 4, 2048).tpot)
+    assert main(["plan", "predict", "--synthetic", "mixtral-8x7b", "--num-layers", "8", "--attention-ranks", "2",
+                 "--expert-ranks", "2", "--micro-batches", "2", "--batch", "2048", "--context-len", "272",
+                 "--profile", "h100"]) == 0
+    out = capsys.readouterr().out
+    pp = predict(pm, Deployment(1, 1, 2, 2, 2, 512))
+    assert f"colocated EP on the same 4 GPUs at batch 2048: TPOT {co['tpot'] * 1e3:.2f} ms" in out
+    assert f"this deployment is {pp.per_gpu / (2048 / co['tpot'] / 4):.2f}x colocated" in out
+    assert main(["plan", "--synthetic", "mixtral-8x7b", "--gpus", "8", "--slo-tpot", "100"]) == 0
+    assert "colocated EP on the same 8 GPUs within TPOT 100.00 ms" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -107,6 +132,12 @@ def test_table_of_paper_models(capsys):
       "--micro-batches", "3", "--batch", "97"], "--batch 97 must be a positive multiple of"),
     (["plan", "predict", "--attention-ranks", "3", "--tp-attention", "2", "--expert-ranks", "1",
       "--micro-batches", "3", "--batch", "9"], "--attention-ranks 3 must be a positive multiple"),
+    (["plan", "predict", "--synthetic", "mixtral-8x7b", "--mode", "colocated", "--attention-ranks", "2",
+      "--expert-ranks", "1", "--micro-batches", "1", "--batch", "96"], "3 colocated ranks cannot split 8 experts"),
+    (["plan", "predict", "--mode", "colocated", "--attention-ranks", "2", "--expert-ranks", "2",
+      "--micro-batches", "2", "--batch", "96"], "--mode colocated models m = 1"),
+    (["plan", "predict", "--mode", "colocated", "--attention-ranks", "2", "--expert-ranks", "2",
+      "--micro-batches", "1", "--batch", "98"], "--batch 98 must be a multiple of the 4 colocated ranks"),
 ])
 def test_bad_input_is_a_clear_error(capsys, argv, message):
     assert main(argv) == 2

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from expertyard.errors import ConfigError
 from expertyard.plan.model_costs import model_costs
 from expertyard.plan.model_specs import model_config_for
+from expertyard.plan.colocated import best_colocated, predict_colocated
 from expertyard.plan.perf_model import Deployment, PerfModel, Workload, iteration_time, predict
 from expertyard.plan.profiles import BUILTIN, load_profile
 from expertyard.plan.search import TP_SIZES, Constraints, best_plan, search
@@ -271,3 +272,56 @@ def test_exchange_term_goes_half_to_each_side_of_every_moe_layer():
     dep = Deployment(1, 1, 2, 4, 1, 32)  # m = 1: every layer pays T_a + T_e, so the iteration pays all of T_x
     grown = predict(with_x, dep).tpot - predict(bare, dep).tpot
     assert grown == pytest.approx(c.num_moe_layers * (200.0 + 1.5 * 32) * 1e-6, rel=1e-9)
+
+
+@settings(max_examples=30, deadline=None)
+@given(profiles, st.sampled_from([1, 2, 4, 8]), st.integers(1, 600), st.sampled_from([8, 32]), st.booleans(),
+       st.floats(0, 500), st.floats(0, 2))
+def test_colocated_against_hand_written_formulas(hw, unit, b, layers, async_scheduling, x0, x1):
+    """Colocated EP (plan/colocated.py) for Mixtral-8x7B written out in floats: per layer attention for b
+    sequences, E/unit experts with b K pairs, two all-to-alls of the rows that leave the GPU, all serial."""
+    hw = replace(hw, exchange_overhead_us=x0, exchange_overhead_per_token_us=x1)
+    d, h, g, dh, e, k, i, ctx, s = 4096, 32, 8, 128, 8, 2, 14336, 2048, 2
+    attn_params = d * (h * dh + 2 * g * dh) + h * dh * d + 2 * d + e * d
+    x = (hw.exchange_overhead_us + hw.exchange_overhead_per_token_us * b) * 1e-6  # T_x, half on each side
+    t_a = (hw.attn_overhead_us * 1e-6 + attn_params * s / (hw.weight_gbps * 1e9)
+           + b * ctx * 2 * g * dh * s / (hw.kv_gbps * 1e9) + b * 2 * attn_params / (hw.attn_tflops * 1e12) + x / 2)
+    t_e = (hw.expert_overhead_us * 1e-6 + (e / unit) * 3 * d * i * s / (hw.weight_gbps * 1e9)
+           + b * k * (6 * d * i / (hw.expert_tflops * 1e12) + 2 * d * s / (hw.weight_gbps * 1e9)) + x / 2)
+    t_c = hw.link_latency_us * 1e-6 + b * k * d * s * (unit - 1) / unit / (hw.intra_host_gbps * 1e9)
+    t_h = 32000 * d * s / (hw.weight_gbps * 1e9) + b * 2 * 32000 * d / (hw.attn_tflops * 1e12)
+    t_step = (hw.step_overhead_us + hw.step_overhead_per_seq_us * b * unit) * 1e-6
+    device = layers * (t_a + t_e + 2 * t_c) + t_h
+    tpot = max(device, t_step) if async_scheduling else device + t_step
+    pm = PerfModel(model_costs(model_config_for("mixtral-8x7b", num_layers=layers)), hw, hw, Workload(ctx),
+                   async_scheduling)
+    q = predict_colocated(pm, unit, b * unit)
+    assert [q.t_a, q.t_e, q.t_c, q.t_h, q.tpot] == pytest.approx([t_a, t_e, t_c, t_h, tpot], rel=1e-9)
+    assert q.per_gpu == pytest.approx(b / tpot, rel=1e-9)
+    # the same times through the disaggregated formula at m = 1: one serial round trip per layer
+    assert q.tpot == pytest.approx(float(iteration_time(q.t_a, q.t_e, q.t_c, q.t_h, 1, layers, t_step,
+                                                        async_scheduling)), rel=1e-9)
+
+
+@pytest.mark.parametrize("slo_ms", [None, 60.0, 200.0])
+@pytest.mark.parametrize("num_gpus", [1, 4, 6, 16])
+def test_best_colocated_is_the_best_unit_and_batch_by_brute_force(num_gpus, slo_ms):
+    """Every unit (a divisor of E up to N) at every per-GPU batch up to the memory bound: the best feasible total
+    throughput is what best_colocated returns."""
+    pm = PerfModel(model_costs(model_config_for("mixtral-8x7b")), H200, H200, Workload(1024))
+    best_total, best_key = 0.0, None
+    for unit in (1, 2, 4, 8):
+        if unit > num_gpus:
+            continue
+        for b in range(1, 3000):
+            q = predict_colocated(pm, unit, b * unit, num_gpus)
+            if not q.fits_memory or (slo_ms is not None and q.tpot > slo_ms * 1e-3):
+                continue
+            if q.total_throughput > best_total:
+                best_total, best_key = q.total_throughput, (unit, b * unit)
+    got = best_colocated(pm, num_gpus, None if slo_ms is None else slo_ms * 1e-3, max_batch_per_gpu=2999)
+    if best_key is None:
+        assert got is None
+    else:
+        assert (got.unit, got.batch) == best_key and got.total_throughput == pytest.approx(best_total)
+        assert got.replicas == num_gpus // got.unit

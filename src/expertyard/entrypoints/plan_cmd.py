@@ -83,6 +83,9 @@ def add_parser(sub) -> None:
     pr.add_argument("--batch", type=int, required=True, help="global batch B: sequences decoded together")
     pr.add_argument("--tp-attention", type=int, default=1, help="tp_a, GPUs per attention node")
     pr.add_argument("--tp-expert", type=int, default=1, help="tp_e, GPUs per expert node")
+    pr.add_argument("--mode", choices=["disaggregated", "colocated"], default="disaggregated",
+                    help="colocated: every one of the attention + expert ranks runs both (bench --mode colocated); "
+                         "m = 1, no tensor parallelism")
     _hardware_args(pr)
     pr.set_defaults(func=run_predict)
 
@@ -166,7 +169,21 @@ def _hardware_label(pm) -> str:
     return f"{a.name} ({a.kind})" if a == e else f"{a.name} ({a.kind}) for attention, {e.name} ({e.kind}) for experts"
 
 
+def _versus_colocated(pm, gpus: int, tpot_s: float, throughput: float, what: str) -> str:
+    """One line: the best colocated-EP deployment of the same GPUs with a TPOT no longer than `tpot_s` (the SLO, or
+    the plan's own TPOT), and the plan's throughput over it."""
+    from expertyard.plan.colocated import best_colocated
+
+    co = best_colocated(pm, gpus, tpot_s)
+    if co is None:
+        return f"  colocated EP on {gpus} GPUs: no batch fits memory within TPOT {tpot_s * 1e3:.2f} ms"
+    return (f"  colocated EP on the same {gpus} GPUs within TPOT {tpot_s * 1e3:.2f} ms (its best batch: {co.batch} "
+            f"per unit of {co.unit} GPUs x {co.replicas}): TPOT {co.tpot * 1e3:.2f} ms, {co.total_throughput:,.0f} "
+            f"tok/s; {what} is {throughput / co.total_throughput:.2f}x colocated")
+
+
 def run_search(args) -> int:
+    from expertyard.plan.colocated import best_colocated
     from expertyard.plan.model_specs import model_label
     from expertyard.plan.report import CANDIDATE_HEADERS, candidate_rows, describe_prediction, table
     from expertyard.plan.search import best_plan, search
@@ -179,25 +196,33 @@ def run_search(args) -> int:
     best = best_plan(pm, args.gpus, cons, label)
     plans = search(pm, args.gpus, cons)[: args.top]
     if args.json:
+        co = best_colocated(pm, args.gpus, cons.slo_tpot_s or best.prediction.tpot) if pm.ha == pm.he else None
         print(json.dumps({"model": label, "gpus": args.gpus, "attention_profile": pm.ha.name,
                           "expert_profile": pm.he.name, "context_len": args.context_len, "slo_tpot_ms": args.slo_tpot,
-                          "best": best.to_dict(), "candidates": [p.to_dict() for p in plans]}))
+                          "best": best.to_dict(), "candidates": [p.to_dict() for p in plans],
+                          "colocated": co.to_dict() if co else None}))
         return 0
     slo = f", TPOT SLO {args.slo_tpot:g} ms" if args.slo_tpot else ""
     print(f"best plan for {label} on {args.gpus} GPUs, {_hardware_label(pm)}, context {args.context_len}{slo}:")
     print(f"  {best.replicas} replica(s) of the unit below: {best.gpus_used} of {args.gpus} GPUs, "
           f"{best.total_throughput:,.0f} decode tok/s in total")
     print("\n".join(describe_prediction(best.prediction, pm.ha.usable_bytes, pm.he.usable_bytes, pm.async_scheduling)))
+    if pm.ha == pm.he:
+        print(_versus_colocated(pm, args.gpus, cons.slo_tpot_s or best.prediction.tpot, best.total_throughput,
+                                "the best plan"))
     print(f"\ntop {len(plans)} candidates (the best n_a for each tp_a, tp_e, n_e, m; times per layer):")
     print(table(CANDIDATE_HEADERS, candidate_rows(plans)))
     return 0
 
 
 def run_predict(args) -> int:
+    from expertyard.plan.colocated import predict_colocated
     from expertyard.plan.model_specs import model_label
     from expertyard.plan.perf_model import Deployment, predict
     from expertyard.plan.report import describe_prediction
 
+    if args.mode == "colocated":
+        return _predict_colocated(args)
     for flag, ranks, tp in (("--attention-ranks", args.attention_ranks, args.tp_attention),
                             ("--expert-ranks", args.expert_ranks, args.tp_expert)):
         if ranks < 1 or tp < 1 or ranks % tp:
@@ -209,12 +234,53 @@ def run_predict(args) -> int:
     pm = _perf_model(args, args.synthetic, args.model, args.num_layers)
     label = model_label(args.synthetic, args.model, args.num_layers)
     q = predict(pm, Deployment(args.tp_attention, args.tp_expert, n_a, n_e, m, args.batch // (n_a * m)))
+    gpus = q.deployment.gpus
+    co = predict_colocated(pm, gpus, args.batch) if pm.c.num_experts % gpus == 0 and pm.ha == pm.he else None
     if args.json:
         print(json.dumps({"model": label, "attention_profile": pm.ha.name, "expert_profile": pm.he.name,
-                          "context_len": args.context_len, **q.to_dict(), "tpot_ms": q.tpot * 1e3}))
+                          "context_len": args.context_len, **q.to_dict(), "tpot_ms": q.tpot * 1e3,
+                          "colocated": co.to_dict() if co else None}))
         return 0
     print(f"predicted decode of {label} on {_hardware_label(pm)}, context {args.context_len}:")
     print("\n".join(describe_prediction(q, pm.ha.usable_bytes, pm.he.usable_bytes, pm.async_scheduling)))
+    if co is not None:
+        print(f"  colocated EP on the same {gpus} GPUs at batch {args.batch}: TPOT {co.tpot * 1e3:.2f} ms, "
+              f"{co.per_gpu:,.0f} tok/s per GPU{'' if co.fits_memory else ' (DOES NOT FIT)'}; this deployment is "
+              f"{q.per_gpu / co.per_gpu:.2f}x colocated")
+    return 0
+
+
+def _predict_colocated(args) -> int:
+    from expertyard.plan.colocated import predict_colocated
+    from expertyard.plan.model_specs import model_label
+
+    gpus = args.attention_ranks + args.expert_ranks
+    if args.attention_ranks < 0 or args.expert_ranks < 0 or gpus < 1:
+        raise ConfigError(f"--attention-ranks {args.attention_ranks} + --expert-ranks {args.expert_ranks}: colocated "
+                          "ranks must add up to at least 1")
+    if args.micro_batches != 1 or args.tp_attention != 1 or args.tp_expert != 1:
+        raise ConfigError("--mode colocated models m = 1 without tensor parallelism: pass --micro-batches 1 and "
+                          "drop --tp-attention/--tp-expert")
+    if args.batch % gpus:
+        raise ConfigError(f"--batch {args.batch} must be a multiple of the {gpus} colocated ranks")
+    pm = _perf_model(args, args.synthetic, args.model, args.num_layers)
+    if pm.c.num_experts % gpus:
+        raise ConfigError(f"{gpus} colocated ranks cannot split {pm.c.num_experts} experts evenly; use a divisor")
+    label = model_label(args.synthetic, args.model, args.num_layers)
+    co = predict_colocated(pm, gpus, args.batch)
+    if args.json:
+        print(json.dumps({"model": label, "attention_profile": pm.ha.name, "context_len": args.context_len,
+                          **co.to_dict(), "tpot_ms": co.tpot * 1e3}))
+        return 0
+    host = "overlapping the GPUs (async scheduling)" if pm.async_scheduling else "serial with the GPUs"
+    print(f"predicted decode of {label} on {_hardware_label(pm)}, context {args.context_len}, colocated EP:")
+    print(f"  {gpus} GPUs, each attention for {args.batch // gpus} sequences and {pm.c.num_experts // gpus} experts "
+          f"per MoE layer, all-to-all dispatch and combine")
+    print(f"  per layer: T_a {co.t_a * 1e3:.3f} ms, T_e {co.t_e * 1e3:.3f} ms, T_c {co.t_c * 1e3:.3f} ms (serial); "
+          f"LM head {co.t_h * 1e3:.3f} ms; driver host work {co.t_step * 1e3:.3f} ms per iteration, {host}")
+    print(f"  memory per GPU: {co.mem_bytes / 1e9:.1f} GB of {pm.ha.usable_bytes / 1e9:.1f} usable"
+          f"{'' if co.fits_memory else ' (DOES NOT FIT)'}")
+    print(f"  TPOT {co.tpot * 1e3:.2f} ms; decode throughput {co.throughput:,.0f} tok/s, {co.per_gpu:,.0f} tok/s per GPU")
     return 0
 
 
@@ -280,6 +346,7 @@ def _print_null_deployments(f: dict) -> None:
 
 
 def run_table(args) -> int:
+    from expertyard.plan.colocated import best_colocated
     from expertyard.plan.report import table
     from expertyard.plan.search import best_plan
 
@@ -287,7 +354,7 @@ def run_table(args) -> int:
     gpus = _ints(args.gpus, "--gpus")
     cons = _constraints(args)
     headers = ["model", "GPUs", "tp_a x n_a", "tp_e x n_e", "m", "b_a", "batch/unit", "unit x reps", "TPOT ms",
-               "tok/s", "tok/s/GPU", "tok/USD"]
+               "tok/s", "tok/s/GPU", "tok/USD", "x colocated"]
     rows, records = [], []
     for name in models:
         pm = _perf_model(args, name)
@@ -295,17 +362,19 @@ def run_table(args) -> int:
             try:
                 plan = best_plan(pm, n, cons, name)
             except ConfigError as e:
-                rows.append([name, str(n), *["-"] * 9, ""])
+                rows.append([name, str(n), *["-"] * 10, ""])
                 records.append({"model": name, "gpus": n, "error": str(e)})
                 if not args.json:
                     print(f"# {name} on {n} GPUs: {e}", file=sys.stderr)
                 continue
             q, d = plan.prediction, plan.prediction.deployment
+            co = best_colocated(pm, n, cons.slo_tpot_s or q.tpot) if pm.ha == pm.he else None  # at the same TPOT
             rows.append([name, str(n), f"{d.tp_a} x {d.n_a}", f"{d.tp_e} x {d.n_e}", str(d.m), str(d.b_a),
                          str(d.global_batch), f"{d.gpus} x {plan.replicas}", f"{q.tpot * 1e3:.1f}",
                          f"{plan.total_throughput:,.0f}", f"{q.per_gpu:,.0f}",
-                         "-" if q.per_dollar is None else f"{q.per_dollar:,.0f}"])
-            records.append({"model": name, "gpus": n, **plan.to_dict()})
+                         "-" if q.per_dollar is None else f"{q.per_dollar:,.0f}",
+                         "-" if co is None else f"{plan.total_throughput / co.total_throughput:.2f}"])
+            records.append({"model": name, "gpus": n, **plan.to_dict(), "colocated": co.to_dict() if co else None})
     if args.json:
         print(json.dumps({"profile": args.gpu, "expert_profile": args.expert_gpu or args.gpu, "plans": records}))
     else:
