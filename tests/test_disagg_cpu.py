@@ -300,6 +300,7 @@ def test_bench_disaggregate_reports_each_micro_batch_count(capsys, monkeypatch, 
         generated = r["decode_tokens_per_s"] * r["tpot_ms"] * r["steps"] / 1e3  # tokens of the timed steps
         # however the prompts were prefilled, every timed step decodes the whole batch: 4 sequences x 3 steps
         assert r["steps"] == 3 and generated == pytest.approx(12)
+        assert 0 < r["step_ms_median"] <= r["step_ms_max"] <= r["tpot_ms"] * 3  # intervals of the timed steps
 
 
 def test_serve_disaggregate_answers_like_one_process_then_503_when_a_rank_dies(tmp_path):

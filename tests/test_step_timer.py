@@ -33,3 +33,18 @@ def test_off_records_nothing():
     t.kind_of_step("decode")
     t.mark("schedule")
     assert not t.times and not t.steps and t.report() == ""
+
+
+def test_garbage_collections_are_counted_per_generation():
+    import gc
+
+    t = StepTimer(enabled=True)
+    try:
+        t.start()
+        t.kind_of_step("decode")
+        gc.collect()  # a full collection: generation 2
+        t.mark("schedule")
+    finally:
+        gc.callbacks.remove(t._on_gc)
+    assert len(t.gc_pauses[2]) == 1 and t.gc_pauses[2][0] >= 0
+    assert "garbage collections: generation 2: 1," in t.report()

@@ -195,8 +195,10 @@ def print_bench_table(r: dict) -> None:
     graphs = "decode from CUDA graphs" if r.get("decode_graphs") else "eager decode"
     print(f"{r['model']} ({r['dtype']}, {r['device']}): {r['mode']}, {shape}; prompt {r['prompt_len']}, "
           f"decode {r['decode_tokens']} tokens; {graphs}")
-    print(f"{'batch':>5} {'m':>2} {'async':>5} {'decode tok/s':>13} {'tok/s/GPU':>10} {'TPOT ms':>8}")
+    print(f"{'batch':>5} {'m':>2} {'async':>5} {'decode tok/s':>13} {'tok/s/GPU':>10} {'TPOT ms':>8} "
+          f"{'step ms p50':>11} {'max':>7}")
     for row in r["runs"]:
         flag = "on" if row.get("async_scheduling") else "off"
         print(f"{row['batch']:>5} {row['micro_batches']:>2} {flag:>5} {row['decode_tokens_per_s']:13.1f} "
-              f"{row['per_gpu_tokens_per_s']:10.1f} {row['tpot_ms']:8.2f}")
+              f"{row['per_gpu_tokens_per_s']:10.1f} {row['tpot_ms']:8.2f} {row.get('step_ms_median', 0):11.2f} "
+              f"{row.get('step_ms_max', 0):7.2f}")

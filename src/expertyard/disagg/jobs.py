@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
 from expertyard.engine.llm_engine import LLMEngine
@@ -61,22 +62,32 @@ def decode_throughput(engine: LLMEngine, batch: int, prompt_len: int, decode_tok
                     before = sum(len(s.output_token_ids) for s in seqs)
                     engine.config.async_scheduling = a
                     t0 = time.perf_counter()
-                    steps = 0
+                    ends = []  # host time after each step: intervals show hiccups the mean hides
                     while engine.has_unfinished():
                         engine.step()
-                        steps += 1
+                        ends.append(time.perf_counter())
                     _sync(engine)
                     dt = time.perf_counter() - t0
+                    steps = len(ends)
                     assert all(len(s.output_token_ids) == decode_tokens for s in seqs)
                 assert before == batch, f"{before} tokens were generated before the timed decode steps, not one per prompt"
                 generated = batch * decode_tokens - before
                 out.append({"micro_batches": m, "async_scheduling": a, "decode_tokens_per_s": generated / dt,
                             # decode_tokens - 1 decode steps ran (with async scheduling `steps` counts one more
                             # call, which only reads the last step's tokens)
-                            "tpot_ms": 1e3 * dt / (decode_tokens - 1), "steps": steps})
+                            "tpot_ms": 1e3 * dt / (decode_tokens - 1), "steps": steps,
+                            **_interval_stats(t0, ends)})
     finally:
         engine.scheduler.prefill_first, engine.config.async_scheduling = held
     return out
+
+
+def _interval_stats(t0: float, ends: list[float]) -> dict:
+    """Median and longest host interval between consecutive step() returns, ms. Under async scheduling a step()
+    returns the previous step's tokens, so its interval is the pipeline's pace; a median well under the mean
+    (TPOT) means a few slow steps (a graph capture, a garbage-collector pause) carry the difference."""
+    gaps = np.diff([t0, *ends]) * 1e3
+    return {"step_ms_median": float(np.median(gaps)), "step_ms_max": float(gaps.max())} if len(gaps) else {}
 
 
 def _sync(engine: LLMEngine) -> None:

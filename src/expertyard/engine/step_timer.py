@@ -13,6 +13,7 @@ what the device sat idle waiting for the host. Off (and free) unless the variabl
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import statistics
 import sys
@@ -31,6 +32,18 @@ class StepTimer:
         self.steps: dict[str, int] = defaultdict(int)
         self._last = 0.0
         self._spans: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []  # not read yet
+        self.gc_pauses: dict[int, list[float]] = defaultdict(list)  # generation -> seconds of each collection
+        self._gc_began = 0.0
+        if enabled:
+            gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        """The garbage collector stops every thread of the rank: with many live sequences a full collection can
+        take tens of milliseconds, a step's worth."""
+        if phase == "start":
+            self._gc_began = time.perf_counter()
+        else:
+            self.gc_pauses[info["generation"]].append(time.perf_counter() - self._gc_began)
 
     def start(self) -> None:
         """A step begins."""
@@ -78,6 +91,10 @@ class StepTimer:
             who = f" of {self.label}" if self.label else ""
             lines.append(f"step times{who} ({kind}, {self.steps[kind]} steps, medians): host {host * 1e3:.3f} ms")
             lines += [f"  {phase:>24} {statistics.median(v) * 1e3:9.3f} ms" for phase, v in phases.items()]
+        if self.gc_pauses:
+            lines.append("  garbage collections: " + ", ".join(
+                f"generation {g}: {len(v)}, {sum(v) * 1e3:.1f} ms in all, longest {max(v) * 1e3:.1f} ms"
+                for g, v in sorted(self.gc_pauses.items())))
         return "\n".join(lines)
 
 
