@@ -19,6 +19,16 @@ settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 
+@pytest.fixture(autouse=True)
+def _unfreeze_collector():
+    """Entry points freeze the garbage collector's view of start-up objects (engine/collector.py), which is right
+    for one server process; a test process builds hundreds of engines, so each test gives them back."""
+    yield
+    import gc
+
+    gc.unfreeze()
+
+
 def tiny_hf_config(name: str):
     import transformers as tf
 

@@ -15,6 +15,7 @@ from expertyard.disagg.colocated import ColocatedExperts
 from expertyard.disagg.config import DisaggConfig
 from expertyard.disagg.decode_pieces import DecodePieces
 from expertyard.disagg.driver import AttentionRank, DistributedRunner, follow
+from expertyard.engine.collector import freeze_long_lived
 from expertyard.disagg.expert_shard import ExpertShard, NoExperts
 from expertyard.disagg.expert_worker import ExpertWorker
 from expertyard.disagg.groups import init_distributed
@@ -116,6 +117,7 @@ def run_rank(cfg: DisaggConfig, source: ModelSource, settings: EngineSettings, r
             worker = ExpertWorker(shard, list(mcfg.moe_layers), cfg.attention_rank_ids, layout, dispatch, combine, device)
             del model, loaded  # an expert rank keeps only its experts
             _free(device)
+            freeze_long_lived()
             follow(groups, None, worker)
             result = None
         else:
@@ -134,6 +136,7 @@ def run_rank(cfg: DisaggConfig, source: ModelSource, settings: EngineSettings, r
             if rank == 0:
                 result = _drive(cfg, source, settings, loaded, attention, groups, job)
             else:
+                freeze_long_lived()
                 follow(groups, attention, None)
                 result = None
     except DeploymentDownError as e:
@@ -152,6 +155,7 @@ def _drive(cfg, source, settings, loaded, attention, groups, job):
         **({"eos_token_ids": set()} if tokenizer is None else {}))
     engine.runner = DistributedRunner(attention, groups, cfg, settings.max_num_seqs)  # frees the full-size cache
     _free(attention.device)
+    freeze_long_lived()  # after the swap: the replaced runner must be collectable
     try:
         return job(engine)
     finally:

@@ -12,6 +12,7 @@ import torch
 from expertyard.bench.hardware import measure_copy_bandwidth
 from expertyard.bench.transformers_baseline import TransformersBaseline
 from expertyard.bench.weights import active_bytes_per_token
+from expertyard.engine.collector import freeze_long_lived
 from expertyard.engine.llm_engine import EngineConfig, LLMEngine
 from expertyard.engine.sampling_params import SamplingParams
 from expertyard.entrypoints.common import (add_model_args, add_offload_args, async_scheduling, engine_from_args,
@@ -82,6 +83,7 @@ def run(args) -> int:
         max_num_seqs=max(batch_sizes), max_model_len=max_len, max_num_batched_tokens=max(batch_sizes) * args.prompt_len,
         cuda_graphs=False if args.no_cuda_graphs else None, async_scheduling=async_scheduling(args)[0]),
         eos_token_ids=set())
+    freeze_long_lived()
     gen = torch.Generator().manual_seed(args.seed)
     vocab = loaded.config.vocab_size
     result = {"model": args.synthetic or str(args.model or "bundled"), "num_layers": loaded.config.num_layers,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from expertyard.engine.collector import freeze_long_lived
 from expertyard.engine.llm_engine import EngineConfig, LLMEngine
 from expertyard.errors import ConfigError
 from expertyard.experts.resident import ResidentExperts
@@ -158,6 +159,7 @@ def engine_from_args(args, **config) -> LLMEngine:
     engine = LLMEngine(loaded, tokenizer, config, **({"eos_token_ids": set()} if tokenizer is None else {}))
     if offload:
         configure_offload(engine, args)
+    freeze_long_lived()  # start-up is over: full collections skip the model and libraries from here on
     return engine
 
 

@@ -55,6 +55,9 @@ def warm_up_if_asked(engine, args) -> None:
         print(f"expertyard serve: warm-up took {warm_up(engine):.1f} s", file=sys.stderr, flush=True)
         if hasattr(engine.model.experts, "reset_stats") and getattr(engine.model.experts, "state", None):
             engine.model.experts.reset_stats()  # the expert cache metrics start at the first request
+        from expertyard.engine.collector import freeze_long_lived
+
+        freeze_long_lived()  # the captured graphs and their buffers live as long as the server
 
 
 def run(args) -> int:
