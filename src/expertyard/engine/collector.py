@@ -2,12 +2,12 @@
 
 A full (generation 2) collection scans every object the collector tracks, and after start-up (torch,
 transformers, the model, the engine) that is a few hundred thousand: ~120 ms per collection on a CI core, and
-~180-225 ms on each rank of a 4 x H200 deployment, five times per benchmark process (`EXPERTYARD_STEP_TIMES`,
-2026-11-22). The pause stops the rank's host; in a deployment every rank then waits for it, and one pause inside
-a 32-step timed window moved a colocated run's TPOT from 16 to 22 ms. `freeze_long_lived` moves everything alive
-at the end of start-up into the permanent generation (vLLM does the same), so full collections scan only what
-serving creates. Call it once the start-up objects are final: anything frozen that later becomes cyclic garbage
-is never freed (so not before a runner or cache is swapped out).
+~180-260 ms on each rank of a 4 x H200 deployment (`EXPERTYARD_STEP_TIMES`, 2026-11-22, counting start-up's
+collections). A long-running server meets such collections now and then, and each stops the rank's host for that
+long; in a deployment every rank then waits for it. `freeze_long_lived` moves everything alive at the end of
+start-up into the permanent generation (vLLM does the same), so later full collections scan only what serving
+creates (a test: 125 ms -> under 1 ms). Call it once the start-up objects are final: anything frozen that later
+becomes cyclic garbage is never freed (so not before a runner or cache is swapped out).
 """
 
 from __future__ import annotations
