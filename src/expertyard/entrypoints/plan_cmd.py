@@ -280,7 +280,8 @@ def _predict_colocated(args) -> int:
           f"LM head {co.t_h * 1e3:.3f} ms; driver host work {co.t_step * 1e3:.3f} ms per iteration, {host}")
     print(f"  memory per GPU: {co.mem_bytes / 1e9:.1f} GB of {pm.ha.usable_bytes / 1e9:.1f} usable"
           f"{'' if co.fits_memory else ' (DOES NOT FIT)'}")
-    print(f"  TPOT {co.tpot * 1e3:.2f} ms; decode throughput {co.throughput:,.0f} tok/s, {co.per_gpu:,.0f} tok/s per GPU")
+    print(f"  TPOT {co.tpot * 1e3:.2f} ms; decode throughput {co.throughput:,.0f} tok/s, "
+          f"{co.per_gpu:,.0f} tok/s per GPU")
     return 0
 
 
