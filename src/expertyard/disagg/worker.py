@@ -15,7 +15,6 @@ from expertyard.disagg.colocated import ColocatedExperts
 from expertyard.disagg.config import DisaggConfig
 from expertyard.disagg.decode_pieces import DecodePieces
 from expertyard.disagg.driver import AttentionRank, DistributedRunner, follow
-from expertyard.engine.collector import freeze_long_lived
 from expertyard.disagg.expert_shard import ExpertShard, NoExperts
 from expertyard.disagg.expert_worker import ExpertWorker
 from expertyard.disagg.groups import init_distributed
@@ -24,6 +23,7 @@ from expertyard.disagg.placement import ExpertPlacement
 from expertyard.disagg.remote_experts import RemoteExperts
 from expertyard.disagg.step_plan import kv_rows_per_rank
 from expertyard.disagg.transport import Exchanger
+from expertyard.engine.collector import freeze_long_lived
 from expertyard.engine.kv_cache import allocate_kv_cache
 from expertyard.engine.llm_engine import EngineConfig, LLMEngine
 from expertyard.errors import ConfigError, DeploymentDownError
