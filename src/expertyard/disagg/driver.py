@@ -112,7 +112,8 @@ class DistributedRunner:
                         print(f"expertyard: deployment down: {e}", file=sys.stderr, flush=True)
 
     @torch.inference_mode()
-    def run(self, step: ScheduledStep, all_logits: bool = False, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    def run(self, step: ScheduledStep, all_logits: bool = False,
+            prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [N, V] float32 in step order (see ModelRunner.run)."""
         self._profiler.step()
         with record_function("expertyard.plan"):

@@ -70,7 +70,8 @@ def decode_throughput(engine: LLMEngine, batch: int, prompt_len: int, decode_tok
                     dt = time.perf_counter() - t0
                     steps = len(ends)
                     assert all(len(s.output_token_ids) == decode_tokens for s in seqs)
-                assert before == batch, f"{before} tokens were generated before the timed decode steps, not one per prompt"
+                assert before == batch, \
+                    f"{before} tokens were generated before the timed decode steps, not one per prompt"
                 generated = batch * decode_tokens - before
                 out.append({"micro_batches": m, "async_scheduling": a, "decode_tokens_per_s": generated / dt,
                             # decode_tokens - 1 decode steps ran (with async scheduling `steps` counts one more

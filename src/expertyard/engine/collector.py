@@ -1,13 +1,14 @@
 """Keep Python's garbage collector's full collections short while serving.
 
 A full (generation 2) collection scans every object the collector tracks, and after start-up (torch,
-transformers, the model, the engine) that is a few hundred thousand: ~120 ms per collection on a CI core, and
-~180-260 ms on each rank of a 4 x H200 deployment (`EXPERTYARD_STEP_TIMES`, 2026-11-22, counting start-up's
-collections). A long-running server meets such collections now and then, and each stops the rank's host for that
-long; in a deployment every rank then waits for it. `freeze_long_lived` moves everything alive at the end of
-start-up into the permanent generation (vLLM does the same), so later full collections scan only what serving
-creates (a test: 125 ms -> under 1 ms). Call it once the start-up objects are final: anything frozen that later
-becomes cyclic garbage is never freed (so not before a runner or cache is swapped out).
+transformers, the model, the engine) that is a few hundred thousand: 180-260 ms per collection on each rank of
+a 4 x H200 deployment (`EXPERTYARD_STEP_TIMES`, 2026-11-22, docs/benchmarks/results/disagg/session7/run5_*.txt,
+start-up's collections). A long-running server meets such collections now and then, and each stops the rank's
+host for that long; in a deployment every rank then waits for it. `freeze_long_lived` moves everything alive at
+the end of start-up into the permanent generation (vLLM does the same), so later full collections scan only what
+serving creates (tests/test_collector.py checks a full collection gets over 5x shorter with 200,000 frozen
+containers). Call it once the start-up objects are final: anything frozen that later becomes cyclic garbage is
+never freed (so not before a runner or cache is swapped out).
 """
 
 from __future__ import annotations

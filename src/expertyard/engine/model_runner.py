@@ -32,7 +32,8 @@ class ModelRunner:
         return long_tensor(values, self.device)
 
     @torch.inference_mode()
-    def run(self, step: ScheduledStep, all_logits: bool = False, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    def run(self, step: ScheduledStep, all_logits: bool = False,
+            prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [N, V] float32, one row per span that samples (in `step.spans` order); with `all_logits`,
         one row per token of the step instead. `prev_tokens` [N_prev]: the sampled tokens of the step in flight,
         which the placeholders among the token ids stand for (async scheduling, engine/placeholders.py)."""
@@ -47,7 +48,8 @@ class ModelRunner:
             spans.append(PrefillSpan(slot=span.seq.slot, start=span.start, length=span.length, offset=offset))
             offset += span.length
         decode_ctx = [s.start + 1 for s in step.decodes]
-        input_ids, pos_t, slots_t = resolve(self._tensor(ids), prev_tokens), self._tensor(positions), self._tensor(slots)
+        input_ids = resolve(self._tensor(ids), prev_tokens)  # placeholders -> the in-flight step's tokens
+        pos_t, slots_t = self._tensor(positions), self._tensor(slots)
 
         if self.graphs is not None and not step.prefills and not all_logits:
             return self.graphs.run(input_ids, pos_t, slots_t, self._tensor(decode_ctx), max(decode_ctx))

@@ -16,9 +16,9 @@ def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
     # staged through pinned memory: a blocking copy would wait for the device (and undo async scheduling)
     temps = host_tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], torch.float32, device)
     logits = logits / temps[:, None]
-    top_k = host_tensor([p.top_k for p in params], torch.long, device)
-    top_p = host_tensor([p.top_p for p in params], torch.float32, device)
     if any(p.top_k > 0 or p.top_p < 1 for p in params):
+        top_k = host_tensor([p.top_k for p in params], torch.long, device)
+        top_p = host_tensor([p.top_p for p in params], torch.float32, device)
         sorted_logits, order = logits.sort(dim=-1, descending=True)  # [N, V]
         rank = torch.arange(logits.shape[-1], device=device)[None, :]
         drop = (top_k[:, None] > 0) & (rank >= top_k[:, None])

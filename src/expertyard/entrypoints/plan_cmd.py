@@ -169,17 +169,15 @@ def _hardware_label(pm) -> str:
     return f"{a.name} ({a.kind})" if a == e else f"{a.name} ({a.kind}) for attention, {e.name} ({e.kind}) for experts"
 
 
-def _versus_colocated(pm, gpus: int, tpot_s: float, throughput: float, what: str) -> str:
-    """One line: the best colocated-EP deployment of the same GPUs with a TPOT no longer than `tpot_s` (the SLO, or
-    the plan's own TPOT), and the plan's throughput over it."""
-    from expertyard.plan.colocated import best_colocated
-
-    co = best_colocated(pm, gpus, tpot_s)
+def _versus_colocated(co, gpus: int, tpot_s: float, throughput: float, what: str, price: float | None) -> str:
+    """One line: `co`, the best colocated-EP deployment of the same GPUs with a TPOT no longer than `tpot_s` (the
+    SLO, or the plan's own TPOT), its tokens per USD at `price` per GPU-hour, and the plan's throughput over it."""
     if co is None:
         return f"  colocated EP on {gpus} GPUs: no batch fits memory within TPOT {tpot_s * 1e3:.2f} ms"
+    per_usd = f", {co.total_throughput * 3600 / (co.unit * co.replicas * price):,.0f} tokens per USD" if price else ""
     return (f"  colocated EP on the same {gpus} GPUs within TPOT {tpot_s * 1e3:.2f} ms (its best batch: {co.batch} "
             f"per unit of {co.unit} GPUs x {co.replicas}): TPOT {co.tpot * 1e3:.2f} ms, {co.total_throughput:,.0f} "
-            f"tok/s; {what} is {throughput / co.total_throughput:.2f}x colocated")
+            f"tok/s{per_usd}; {what} is {throughput / co.total_throughput:.2f}x colocated")
 
 
 def run_search(args) -> int:
@@ -195,8 +193,9 @@ def run_search(args) -> int:
     cons = _constraints(args)
     best = best_plan(pm, args.gpus, cons, label)
     plans = search(pm, args.gpus, cons)[: args.top]
+    same_tpot = cons.slo_tpot_s or best.prediction.tpot
+    co = best_colocated(pm, args.gpus, same_tpot) if pm.ha == pm.he else None  # colocated runs on one GPU type
     if args.json:
-        co = best_colocated(pm, args.gpus, cons.slo_tpot_s or best.prediction.tpot) if pm.ha == pm.he else None
         print(json.dumps({"model": label, "gpus": args.gpus, "attention_profile": pm.ha.name,
                           "expert_profile": pm.he.name, "context_len": args.context_len, "slo_tpot_ms": args.slo_tpot,
                           "best": best.to_dict(), "candidates": [p.to_dict() for p in plans],
@@ -208,8 +207,8 @@ def run_search(args) -> int:
           f"{best.total_throughput:,.0f} decode tok/s in total")
     print("\n".join(describe_prediction(best.prediction, pm.ha.usable_bytes, pm.he.usable_bytes, pm.async_scheduling)))
     if pm.ha == pm.he:
-        print(_versus_colocated(pm, args.gpus, cons.slo_tpot_s or best.prediction.tpot, best.total_throughput,
-                                "the best plan"))
+        print(_versus_colocated(co, args.gpus, same_tpot, best.total_throughput, "the best plan",
+                                pm.ha.price_per_hour))
     print(f"\ntop {len(plans)} candidates (the best n_a for each tp_a, tp_e, n_e, m; times per layer):")
     print(table(CANDIDATE_HEADERS, candidate_rows(plans)))
     return 0
