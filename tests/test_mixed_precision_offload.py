@@ -10,7 +10,8 @@ from expertyard.engine.llm_engine import EngineConfig, LLMEngine
 from expertyard.engine.sampling_params import SamplingParams
 from expertyard.entrypoints.cli import main
 from expertyard.errors import ConfigError
-from expertyard.experts.offloaded import OffloadedExperts
+from expertyard.experts.offload.build import mixed_precision_backend
+from expertyard.experts.offload.host_loader import HostLoadedExperts
 from expertyard.experts.policies import make_policy
 from expertyard.experts.precision import PrecisionThresholds
 from expertyard.experts.predictors import NextGatePredictor
@@ -21,14 +22,13 @@ from expertyard.quant.packed_expert import dequantize_expert
 
 def _offloaded(path, high_slots, low_slots, bits=4, mode="mixed", thresholds=None, depth=0, policy="lru",
                device="cpu", group_size=16, dtype=torch.float32):
-    loaded = load_model(path, device, dtype, progress=False,
-                        backend_factory=lambda c, d, t: OffloadedExperts(c, d, t))
-    backend = loaded.model.experts
+    loaded = load_model(path, device, dtype, progress=False, backend_factory=HostLoadedExperts.factory())
+    host = loaded.model.experts
     pred = NextGatePredictor(loaded.model, depth) if depth else None
-    backend.configure(high_slots, make_policy(policy), pred)
-    low = LowPrecisionStore.quantize(backend.store, backend.keys, bits, group_size, torch.device(device),
+    low = LowPrecisionStore.quantize(host.store, host.keys, bits, group_size, torch.device(device),
                                      pin=device != "cpu", progress=False)
-    backend.configure_low_precision(low, low_slots, make_policy(policy), mode, thresholds)
+    loaded.model.set_expert_backend(mixed_precision_backend(loaded.model, high_slots, low_slots, make_policy(policy),
+                                                            make_policy(policy), low, mode, thresholds, pred))
     return loaded
 
 
@@ -69,7 +69,7 @@ def _naive_visit(backend, layer, x, ids, w, th):
                 w13 = flat[:2 * i * d].view(2 * i, d)
                 w2 = flat[2 * i * d:].view(d, i)
             else:
-                w13, w2 = dequantize_expert(backend.low_store.source((layer, e)), backend.low_layout, torch.float64)
+                w13, w2 = dequantize_expert(backend.low.store.source((layer, e)), backend.low.layout, torch.float64)
             gu = x[t].double() @ w13.T
             h = F.silu(gu[:i]) * gu[i:]
             y[t] += float(w[t, k]) * scale * (h @ w2.T)
@@ -95,7 +95,7 @@ def check_pairs_against_naive_reference(loaded, device="cpu", tokens=1, atol=1e-
     report = backend.report(tokens=24)
     assert report["expert_full_misses"] > 0 and report["expert_low_misses"] > 0
     assert report["bytes_copied"] == (backend.expert_bytes * report["expert_full_misses"]
-                                      + backend.low_layout.nbytes * report["expert_low_misses"])
+                                      + backend.low.layout.nbytes * report["expert_low_misses"])
 
 
 @pytest.mark.parametrize("arch,tokens", [("qwen3_moe", 1), ("mixtral", 1), ("qwen3_moe", 2)])
@@ -128,7 +128,7 @@ def test_all_low_equals_a_resident_model_of_dequantized_experts(tiny_checkpoint)
     backend = loaded.model.experts
     ref = load_model(path, "cpu", torch.float32, progress=False)
     for (layer, e) in backend.keys:  # the reference: resident experts replaced by their dequantized int2 copies
-        w13, w2 = dequantize_expert(backend.low_store.source((layer, e)), backend.low_layout)
+        w13, w2 = dequantize_expert(backend.low.store.source((layer, e)), backend.low.layout)
         ref.model.experts.w13[layer][e].copy_(w13)
         ref.model.experts.w2[layer][e].copy_(w2)
     cfg = EngineConfig(max_num_seqs=1, max_model_len=64, max_num_batched_tokens=1)

@@ -6,8 +6,9 @@ import torch
 from expertyard.engine.llm_engine import EngineConfig, LLMEngine
 from expertyard.engine.sampling_params import SamplingParams
 from expertyard.errors import ConfigError
-from expertyard.experts.budget import parse_size, plan_gpu_budget
-from expertyard.experts.offloaded import OffloadedExperts
+from expertyard.experts.offload.budget import parse_size, plan_gpu_budget
+from expertyard.experts.offload.build import full_precision_backend
+from expertyard.experts.offload.host_loader import HostLoadedExperts
 from expertyard.experts.policies import make_policy
 from expertyard.experts.predictors import NextGatePredictor, NoPredictor
 from expertyard.loader import load_model
@@ -26,11 +27,11 @@ def _engine(loaded, max_num_seqs=3, graphs=False):
 
 
 def offloaded_engine(path, device, dtype, slots, predictor="next-gate", depth=1, policy="lru", host_budget=None,
-                     graphs=False):
-    loaded = load_model(path, device, dtype, progress=False,
-                        backend_factory=lambda c, d, t: OffloadedExperts(c, d, t, host_budget))
+                     graphs=False, timeline=False):
+    loaded = load_model(path, device, dtype, progress=False, backend_factory=HostLoadedExperts.factory(host_budget))
     pred = NextGatePredictor(loaded.model, depth) if predictor == "next-gate" else NoPredictor()
-    loaded.model.experts.configure(slots, make_policy(policy), pred)
+    loaded.model.set_expert_backend(full_precision_backend(loaded.model, slots, make_policy(policy), pred,
+                                                                   timeline))
     return _engine(loaded, graphs=graphs)
 
 

@@ -75,7 +75,7 @@ def test_small_synthetic_model_generates_deterministically():
 def test_offloaded_synthetic_model_has_the_resident_models_experts(tiny_checkpoint):
     """`--synthetic X --offload` is the same model as `--synthetic X`: the host copies hold the numbers the
     resident stacks were drawn with (so offloaded runs can be compared with resident ones)."""
-    from expertyard.experts.offloaded import OffloadedExperts
+    from expertyard.experts.offload.host_loader import HostLoadedExperts
     from expertyard.experts.resident import ResidentExperts
     from expertyard.loader.load import build_model, model_config_from_hf
     from expertyard.synthetic import init_random_weights
@@ -83,7 +83,7 @@ def test_offloaded_synthetic_model_has_the_resident_models_experts(tiny_checkpoi
     _, hf = tiny_checkpoint("qwen2_moe")  # a dense layer among MoE layers
     cfg = model_config_from_hf(hf.config)
     resident = build_model(cfg, torch.device("cpu"), torch.float32, ResidentExperts)
-    offloaded = build_model(cfg, torch.device("cpu"), torch.float32, lambda c, d, t: OffloadedExperts(c, d, t))
+    offloaded = build_model(cfg, torch.device("cpu"), torch.float32, HostLoadedExperts.factory())
     init_random_weights(resident, seed=5)
     init_random_weights(offloaded, seed=5)
     i, d = cfg.moe.intermediate_size, cfg.hidden_size

@@ -68,11 +68,8 @@ def test_cuda_disk_tier_and_timeline(tiny_checkpoint, tmp_path):
     path, _ = tiny_checkpoint("mixtral")
     ref_tokens, _ = resident_tokens_and_logprobs(path, "cuda", torch.float32)
     cfg = load_model(path, "cpu", torch.float32, progress=False).config
-    engine = offloaded_engine(path, "cuda", torch.float32, slots=4, host_budget=5 * cfg.expert_bytes(4))
+    engine = offloaded_engine(path, "cuda", torch.float32, slots=4, host_budget=5 * cfg.expert_bytes(4), timeline=True)
     backend = engine.model.experts
-    from expertyard.experts.telemetry import Timeline
-
-    backend.timeline = Timeline()
     seqs = engine.generate(_prompts()[:1], SamplingParams(temperature=0, max_tokens=12))
     assert seqs[0].output_token_ids == ref_tokens[0]
     backend.timeline.write(tmp_path / "t.json")

@@ -17,6 +17,8 @@ from expertyard.engine.scheduler import ScheduledSpan, ScheduledStep, Scheduler
 from expertyard.engine.sequence import Sequence
 from expertyard.engine.step_timer import STEP_TIMER
 from expertyard.errors import ConfigError, RequestError
+from expertyard.experts.offload.build import build_offloaded_experts, plan_budget
+from expertyard.experts.offload.config import OffloadConfig
 from expertyard.loader.load import LoadedModel
 
 
@@ -30,6 +32,9 @@ class EngineConfig:
     """Tokens one step may compute; longer prompts are prefilled in chunks."""
     cuda_graphs: bool | None = None
     """Replay decode steps from CUDA graphs; default: on for CUDA devices."""
+    offload: OffloadConfig | None = None
+    """Experts in host memory behind a device expert cache (the model must be loaded with
+    `HostLoadedExperts.factory(...)`); the engine plans the budget before it allocates the KV cache."""
     async_scheduling: bool = False
     """Schedule and launch step t+1 before reading step t's tokens, so the host's work hides behind the device's
     (a sequence that stops on a stop token computes one extra, discarded token). May be switched between steps."""
@@ -54,6 +59,13 @@ class LLMEngine:
         self.max_model_len = min(self.config.max_model_len or min(limit, 4096), limit)
         cuda_graphs = self.config.cuda_graphs if self.config.cuda_graphs is not None else self.device.type == "cuda"
         self.scheduler = Scheduler(self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        self.offload_plan = None
+        if self.config.offload is not None:  # plan the whole device budget before anything is allocated
+            self.offload_plan = plan_budget(self.model, self.config.offload, self.config.max_num_seqs,
+                                            self.max_model_len, self.config.max_num_batched_tokens, self.dtype,
+                                            self.device)
+            self.model.set_expert_backend(build_offloaded_experts(self.model, self.config.offload,
+                                                                  self.offload_plan, loaded.path))
         self.runner = ModelRunner(self.model, self.config.max_num_seqs, self.max_model_len, self.device,
                                   self.dtype, cuda_graphs)
         self.eos_token_ids = eos_token_ids if eos_token_ids is not None else _eos_ids(loaded.path, tokenizer)

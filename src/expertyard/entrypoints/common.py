@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from importlib import resources
 from pathlib import Path
@@ -13,8 +12,12 @@ import torch
 from expertyard.engine.collector import freeze_long_lived
 from expertyard.engine.llm_engine import EngineConfig, LLMEngine
 from expertyard.errors import ConfigError
+from expertyard.experts.offload.budget import parse_size
+from expertyard.experts.offload.config import OffloadConfig
+from expertyard.experts.offload.host_loader import HostLoadedExperts
 from expertyard.experts.resident import ResidentExperts
 from expertyard.loader.load import LoadedModel, load_model
+from expertyard.quant.low_store import parse_low_precision
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -50,7 +53,7 @@ def add_model_args(p: argparse.ArgumentParser, synthetic: bool = False) -> None:
 def add_offload_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("expert offloading")
     g.add_argument("--offload", action="store_true",
-                   help="keep experts in host memory behind a GPU expert cache (for models bigger than the GPU)")
+                   help="keep experts in host memory behind a device expert cache (for models bigger than the GPU)")
     g.add_argument("--gpu-memory-budget", default=None,
                    help="all device bytes: weights, KV cache, workspace and expert cache, e.g. 24GiB")
     g.add_argument("--expert-cache-fraction", type=float, default=None,
@@ -58,11 +61,13 @@ def add_offload_args(p: argparse.ArgumentParser) -> None:
                         "beside the resident weights, KV cache and workspace (printed)")
     g.add_argument("--host-memory-budget", default=None,
                    help="host bytes for expert copies; the rest stay in the safetensors files (disk tier)")
-    g.add_argument("--policy", default="lru", help="expert cache eviction policy: lru, lfu, ...")
-    g.add_argument("--predictor", default="next-gate",
-                   help="pre-gate predictor: none, next-gate, trained, oracle (with --routing-trace)")
+    g.add_argument("--policy", default=None, help="expert cache eviction policy: lru, lfu, hobbit, layer-distance, ... "
+                                                  "(default: the engine's default policy)")
+    g.add_argument("--predictor", default=None,
+                   help="pre-gate predictor: none, next-gate, trained, oracle (with --routing-trace); default: "
+                        "chosen by the engine")
     g.add_argument("--predictor-path", type=Path, default=None, help="trained predictor file (default: beside model)")
-    g.add_argument("--prefetch-depth", type=int, default=1, help="layers predicted ahead (1..3)")
+    g.add_argument("--prefetch-depth", type=int, default=1, help="MoE layers predicted ahead (1..3)")
     g.add_argument("--routing-trace", type=Path, default=None,
                    help="force the routers' choices from a recorded routing trace (.npz)")
     g.add_argument("--policy-weights", type=Path, default=None,
@@ -82,8 +87,48 @@ def add_offload_args(p: argparse.ArgumentParser) -> None:
                    help="T1,T2: a miss whose gate-weight score <= T1 loads full precision, <= T2 low, else skip")
     g.add_argument("--low-pool-fraction", type=float, default=0.25,
                    help="share of the expert cache's bytes given to the low-precision pool")
-    g.add_argument("--stats", action="store_true", help="print expert cache and transfer statistics")
+    g.add_argument("--cpu-compute", choices=["auto", "on", "off"], default="auto",
+                   help="compute missed experts on the host CPU from host memory: auto = per layer, where the "
+                        "measured cost model says it finishes sooner than copying; on = every miss on the CPU")
+    g.add_argument("--cpu-precision", choices=["full", "int8", "int4"], default="full",
+                   help="weights the CPU computes misses from: full (the model's dtype), or int8 / int4 weight-only "
+                        "copies made at load")
+    g.add_argument("--cpu-threads", type=int, default=None,
+                   help="threads for CPU expert compute (default: the physical cores)")
+    g.add_argument("--stats", action="store_true", help="print expert cache, transfer and CPU statistics")
     g.add_argument("--timeline", type=Path, default=None, help="write a Chrome trace of compute and copy spans")
+
+
+OFFLOAD_ONLY_FLAGS = ("gpu_memory_budget", "expert_cache_fraction", "host_memory_budget", "policy", "predictor",
+                      "predictor_path", "policy_weights", "low_precision", "low_precision_dir", "precision",
+                      "timeline")
+
+
+def offload_config_from_args(args) -> OffloadConfig | None:
+    """The OffloadConfig the flags ask for (None without --offload); every flag is checked before a model loads."""
+    if not getattr(args, "offload", False):
+        given = [f"--{name.replace('_', '-')}" for name in OFFLOAD_ONLY_FLAGS if getattr(args, name, None)]
+        if given:
+            raise ConfigError(f"{', '.join(given)} only act(s) on offloaded experts: add --offload (with "
+                              "--gpu-memory-budget SIZE or --expert-cache-fraction F), or drop them")
+        return None
+    try:
+        thresholds = tuple(float(v) for v in args.precision_thresholds.split(","))
+    except ValueError:
+        thresholds = ()
+    if len(thresholds) != 2:
+        raise ConfigError(f"--precision-thresholds {args.precision_thresholds!r}: write two numbers T1,T2, e.g. 0.6,0.9")
+    return OffloadConfig(
+        gpu_memory_budget=parse_size(args.gpu_memory_budget) if args.gpu_memory_budget else None,
+        expert_cache_fraction=args.expert_cache_fraction,
+        host_memory_budget=parse_size(args.host_memory_budget) if args.host_memory_budget else None,
+        policy=args.policy, policy_weights=args.policy_weights, predictor=args.predictor,
+        predictor_path=args.predictor_path, prefetch_depth=args.prefetch_depth,
+        low_precision_bits=parse_low_precision(args.low_precision) if args.low_precision else None,
+        low_precision_dir=args.low_precision_dir, group_size=args.group_size, precision=args.precision,
+        precision_thresholds=thresholds, low_pool_fraction=args.low_pool_fraction, cpu_compute=args.cpu_compute,
+        cpu_precision=args.cpu_precision, cpu_threads=args.cpu_threads, timeline=args.timeline is not None,
+        progress=not args.json)
 
 
 def resolve_device(args) -> tuple[torch.device, torch.dtype]:
@@ -94,16 +139,11 @@ def resolve_device(args) -> tuple[torch.device, torch.dtype]:
     return device, dtype
 
 
-def load_from_args(args, device: torch.device, dtype: torch.dtype) -> tuple[LoadedModel, object]:
-    """(model, tokenizer or None) for --model / --synthetic / the bundled default; with --offload the experts
-    go to the host store (the expert cache is configured later, by `configure_offload`)."""
-    factory = ResidentExperts
-    if getattr(args, "offload", False):
-        from expertyard.experts.budget import parse_size
-        from expertyard.experts.offloaded import OffloadedExperts
-
-        host = parse_size(args.host_memory_budget) if args.host_memory_budget else None
-        factory = lambda cfg, dev, dt: OffloadedExperts(cfg, dev, dt, host)  # noqa: E731
+def load_from_args(args, device: torch.device, dtype: torch.dtype,
+                   offload: OffloadConfig | None = None) -> tuple[LoadedModel, object]:
+    """(model, tokenizer or None) for --model / --synthetic / the bundled default; with `offload` the experts
+    go to host memory (the engine builds the expert cache from its budget plan)."""
+    factory = HostLoadedExperts.factory(offload.host_memory_budget) if offload is not None else ResidentExperts
     if getattr(args, "synthetic", None):
         from expertyard.synthetic import build_synthetic
 
@@ -149,121 +189,17 @@ def async_scheduling(args, sweep: bool = False) -> list[bool]:
     return {"off": [False], "on": [True], "both": [False, True]}[choice]
 
 
-def engine_from_args(args, **config) -> LLMEngine:
+def engine_from_args(args, resident: bool = False, **config) -> LLMEngine:
+    """The engine the flags ask for; `resident` ignores the offload flags (a full-precision reference)."""
+    offload = None if resident else offload_config_from_args(args)
     device, dtype = resolve_device(args)
-    loaded, tokenizer = load_from_args(args, device, dtype)
-    offload = getattr(args, "offload", False)
+    loaded, tokenizer = load_from_args(args, device, dtype, offload)
     config = EngineConfig(**{"max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len,
-                             "cuda_graphs": False if args.no_cuda_graphs else None,
+                             "cuda_graphs": False if args.no_cuda_graphs else None, "offload": offload,
                              "async_scheduling": async_scheduling(args)[0], **config})
     engine = LLMEngine(loaded, tokenizer, config, **({"eos_token_ids": set()} if tokenizer is None else {}))
-    if offload:
-        configure_offload(engine, args)
+    if offload is not None and not args.json:
+        print(engine.offload_plan.describe(), file=sys.stderr)
+        print(engine.model.experts.describe(), file=sys.stderr)
     freeze_long_lived()  # start-up is over: full collections skip the model and libraries from here on
     return engine
-
-
-def configure_offload(engine: LLMEngine, args) -> None:
-    """Split the GPU budget, allocate the expert cache and pick policy and predictor."""
-    from expertyard.engine.kv_cache import kv_cache_bytes
-    from expertyard.experts.budget import parse_size, plan_gpu_budget, workspace_bytes
-
-    if bool(args.gpu_memory_budget) == (args.expert_cache_fraction is not None):
-        raise ConfigError("--offload needs one of --gpu-memory-budget SIZE (e.g. 24GiB) or --expert-cache-fraction F")
-    model, cfg, backend = engine.model, engine.model_config, engine.model.experts
-    elt = torch.empty((), dtype=engine.dtype).element_size()
-    resident = sum(p.numel() * p.element_size() for p in model.parameters())
-    kv = kv_cache_bytes(model, engine.config.max_num_seqs + 1, engine.max_model_len, engine.dtype)
-    workspace = workspace_bytes(cfg, engine.config.max_num_batched_tokens, engine.max_model_len, elt)
-    if args.expert_cache_fraction is not None:
-        if not 0 < args.expert_cache_fraction <= 1:
-            raise ConfigError(f"--expert-cache-fraction {args.expert_cache_fraction} must be in (0, 1]")
-        slots = math.ceil(args.expert_cache_fraction * len(backend.keys))
-        budget = resident + kv + workspace + slots * backend.expert_bytes
-    else:
-        budget = parse_size(args.gpu_memory_budget)
-    plan = plan_gpu_budget(budget, cfg, resident, kv, workspace, backend.expert_bytes)
-    if not args.json:
-        print(plan.describe(), file=sys.stderr)
-    predictor = make_predictor(args, model)
-    model_dir = model_dir_of(args)
-    precision = args.precision or ("mixed" if args.low_precision else "full")
-    if precision != "full" and not args.low_precision:
-        raise ConfigError(f"--precision {precision} needs low-precision copies: add --low-precision int4 (or int2, int8)")
-    if precision == "full":
-        backend.configure(plan.slots, make_cache_policy(args, model_dir), predictor,
-                          timeline=args.timeline is not None)
-    else:
-        configure_low_precision(engine, args, plan, predictor, model_dir, precision)
-    engine.offload_plan = plan
-
-
-def make_cache_policy(args, model_dir: Path | None):
-    from expertyard.experts.policies import make_policy
-
-    if args.policy != "hobbit":
-        if args.policy_weights is not None:
-            raise ConfigError(f"--policy-weights is for --policy hobbit, not {args.policy}")
-        return make_policy(args.policy)
-    from expertyard.experts.policies.hobbit_weights import load_hobbit_weights
-
-    path = args.policy_weights
-    if path is None and model_dir is not None and (Path(model_dir) / "hobbit-weights.json").is_file():
-        path = Path(model_dir) / "hobbit-weights.json"
-    return make_policy("hobbit", weights=load_hobbit_weights(path)) if path else make_policy("hobbit")
-
-
-def configure_low_precision(engine: LLMEngine, args, plan, predictor, model_dir: Path | None, mode: str) -> None:
-    """Split the expert cache's bytes into a full-precision and a low-precision pool, and build (or read) the
-    low-precision host copies."""
-    from expertyard.experts.precision import PrecisionThresholds
-    from expertyard.quant.low_store import LowPrecisionStore, parse_low_precision
-    from expertyard.quant.packed_expert import ExpertLayout
-    from expertyard.quant.store import file_name
-
-    model, cfg, backend = engine.model, engine.model_config, engine.model.experts
-    bits = parse_low_precision(args.low_precision)
-    thresholds = PrecisionThresholds.parse(args.precision_thresholds)
-    if not 0 < args.low_pool_fraction < 1:
-        raise ConfigError(f"--low-pool-fraction {args.low_pool_fraction} must be in (0, 1)")
-    files = args.low_precision_dir
-    if files is None and model_dir is not None and (Path(model_dir) / file_name(bits)).is_file():
-        files = Path(model_dir)
-    pin = engine.device.type == "cuda"
-    if files is not None:
-        low = LowPrecisionStore.from_files(files, backend.keys, bits, model, cfg.hidden_size,
-                                           cfg.moe.intermediate_size, pin)
-    else:
-        ExpertLayout.build(cfg.hidden_size, cfg.moe.intermediate_size, bits, args.group_size)  # errors first
-        low = LowPrecisionStore.quantize(backend.store, backend.keys, bits, args.group_size, engine.device, pin,
-                                         progress=not args.json)
-    cache_bytes = plan.slots * backend.expert_bytes
-    high_slots = max(cfg.moe.top_k, round((1 - args.low_pool_fraction) * plan.slots))
-    low_slots = (cache_bytes - high_slots * backend.expert_bytes) // low.expert_bytes
-    if high_slots > plan.slots or low_slots < cfg.moe.top_k:
-        raise ConfigError(f"an expert cache of {plan.slots} full-precision slots is too small to split into a "
-                          f"full-precision and a low-precision pool of at least {cfg.moe.top_k} experts each; "
-                          "raise --gpu-memory-budget / --expert-cache-fraction, or use --precision full")
-    if not args.json:
-        print(f"expert cache split: {high_slots} full-precision slots + {low_slots} int{bits} slots "
-              f"({low.expert_bytes / 2**20:,.2f} MiB each), {mode} precision", file=sys.stderr)
-    backend.configure(high_slots, make_cache_policy(args, model_dir), predictor, timeline=args.timeline is not None)
-    backend.configure_low_precision(low, int(low_slots), make_cache_policy(args, model_dir), mode, thresholds)
-
-
-def make_predictor(args, model):
-    from expertyard.experts.predictors import load_predictor
-    from expertyard.experts.predictors.base import TraceOraclePredictor
-
-    name, depth = args.predictor, args.prefetch_depth
-    if name == "oracle":
-        if model.forced_routing is None:
-            raise ConfigError("--predictor oracle reads the future of a --routing-trace; give one")
-        return TraceOraclePredictor(model.forced_routing, list(model.cfg.moe_layers), depth)
-    return load_predictor(name, model, model_dir_of(args), depth, args.predictor_path)
-
-
-def model_dir_of(args) -> Path | None:
-    """The checkpoint directory a command runs (None for --synthetic): files beside it (pre-gate predictor,
-    hobbit weights, quantized experts) are found there."""
-    return None if getattr(args, "synthetic", None) else (args.model or bundled_model_path())

@@ -4,7 +4,6 @@ precision), greedy agreement with the full-precision model."""
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 from pathlib import Path
@@ -121,9 +120,7 @@ def run(args) -> int:
         if need > engine.max_model_len:
             raise ConfigError(f"--agreement-prompt-len + --agreement-tokens = {need} exceeds the model length "
                               f"{engine.max_model_len}")
-        ref_args = copy.copy(args)
-        ref_args.offload = False
-        reference = engine_from_args(ref_args, **config)
+        reference = engine_from_args(args, resident=True, **config)
         prompts = agreement_prompts(engine, tokens, args.agreement_prompts, args.agreement_prompt_len)
         result |= greedy_agreement(engine, reference, prompts, args.agreement_tokens)
         del reference

@@ -1,7 +1,10 @@
-"""How a GPU memory budget is split: resident weights, KV cache, workspace, and expert cache slots."""
+"""How a device memory budget is split: resident weights, KV cache, workspace, and expert cache slots, and how
+the expert cache's bytes split into a full-precision and a low-precision pool (`split_pools`, shared by the
+engine and the trace simulator so that both size the pools alike)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from expertyard.config import ModelConfig
@@ -53,17 +56,18 @@ class GpuBudgetPlan:
     expert_bytes: int  # one expert slot
     slots: int
     total_experts: int
+    device_name: str = "GPU"
 
     def describe(self) -> str:
         mib = lambda b: f"{b / 2**20:,.0f} MiB"  # noqa: E731
-        return (f"GPU budget {mib(self.budget)}: resident weights {mib(self.resident_bytes)}, "
+        return (f"{self.device_name} memory budget {mib(self.budget)}: resident weights {mib(self.resident_bytes)}, "
                 f"KV cache {mib(self.kv_cache_bytes)}, workspace {mib(self.workspace_bytes)}, "
                 f"expert cache {self.slots} slots x {mib(self.expert_bytes)} = {mib(self.slots * self.expert_bytes)} "
                 f"({100 * self.slots / self.total_experts:.1f}% of {self.total_experts} experts)")
 
 
 def plan_gpu_budget(budget: int, cfg: ModelConfig, resident: int, kv_cache: int, workspace: int,
-                    expert_bytes: int) -> GpuBudgetPlan:
+                    expert_bytes: int, device_name: str = "GPU") -> GpuBudgetPlan:
     total = len(cfg.moe_layers) * cfg.moe.num_experts
     min_slots = cfg.moe.top_k  # one token's experts of one layer must fit at once
     fixed = resident + kv_cache + workspace
@@ -71,8 +75,35 @@ def plan_gpu_budget(budget: int, cfg: ModelConfig, resident: int, kv_cache: int,
     if slots < min_slots:
         need = fixed + min_slots * expert_bytes
         raise ConfigError(
-            f"--gpu-memory-budget {budget / GiB:.2f} GiB is too small: resident weights {resident / GiB:.2f} GiB + "
+            f"a {device_name} memory budget of {budget / GiB:.2f} GiB is too small: resident weights {resident / GiB:.2f} GiB + "
             f"KV cache {kv_cache / GiB:.2f} GiB + workspace {workspace / GiB:.2f} GiB + {min_slots} experts "
             f"({min_slots} x {expert_bytes / 2**20:.0f} MiB) need at least {need / GiB:.2f} GiB; raise the budget, "
             f"or lower --max-model-len / --max-num-seqs")
-    return GpuBudgetPlan(budget, resident, kv_cache, workspace, expert_bytes, int(slots), total)
+    return GpuBudgetPlan(budget, resident, kv_cache, workspace, expert_bytes, int(slots), total, device_name)
+
+
+def budget_for_fraction(fraction: float, cfg: ModelConfig, resident: int, kv_cache: int, workspace: int,
+                        expert_bytes: int) -> int:
+    """The budget whose expert cache holds `fraction` of all experts beside the fixed allocations."""
+    slots = math.ceil(fraction * len(cfg.moe_layers) * cfg.moe.num_experts)
+    return resident + kv_cache + workspace + slots * expert_bytes
+
+
+def split_pools(slots: int, low_ratio: float, low_fraction: float, top_k: int) -> tuple[int, int]:
+    """(full-precision slots, low-precision slots) from an expert cache of `slots` full-precision experts:
+    a share `low_fraction` of its bytes goes to low-precision copies, each `low_ratio` of a full expert's bytes.
+
+        high = floor((1 - f) * slots),   low = floor((slots - high) / r)
+    """
+    if not 0 < low_fraction < 1:
+        raise ConfigError(f"--low-pool-fraction {low_fraction} must be in (0, 1)")
+    if not 0 < low_ratio <= 1:
+        raise ConfigError(f"low-precision expert size ratio {low_ratio} must be in (0, 1]")
+    high = math.floor((1 - low_fraction) * slots)
+    low = math.floor((slots - high) / low_ratio + 1e-9)
+    if high < top_k or low < top_k:
+        raise ConfigError(f"an expert cache of {slots} full-precision slots split {1 - low_fraction:.2f}/"
+                          f"{low_fraction:.2f} gives {high} full-precision and {low} low-precision slots; each pool "
+                          f"must hold the {top_k} experts of one token: raise the budget (--gpu-memory-budget / "
+                          "--expert-cache-fraction), change --low-pool-fraction, or use --precision full")
+    return high, low

@@ -1,0 +1,139 @@
+"""Builds an offloaded model's expert backend from its `OffloadConfig`: plans the device budget (resident weights,
+KV cache, workspace, expert slots per pool) before anything is allocated, then builds every part whole."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from expertyard.config import ModelConfig
+from expertyard.engine.kv_cache import kv_cache_bytes
+from expertyard.errors import ConfigError
+from expertyard.experts.cache_state import ExpertCacheState
+from expertyard.experts.mixed_cache import MixedPrecisionCache
+from expertyard.experts.offload.backend import OffloadedExperts
+from expertyard.experts.offload.budget import GpuBudgetPlan, budget_for_fraction, plan_gpu_budget, split_pools, \
+    workspace_bytes
+from expertyard.experts.offload.config import OffloadConfig
+from expertyard.experts.offload.host_loader import HostLoadedExperts
+from expertyard.experts.offload.slot_pool import FullPrecisionPool, LowPrecisionPool
+from expertyard.experts.offload.transfer import TransferEngine
+from expertyard.experts.policies import CachePolicy, make_policy
+from expertyard.experts.policies.hobbit_weights import load_hobbit_weights
+from expertyard.experts.precision import PrecisionThresholds
+from expertyard.experts.predictors import load_predictor
+from expertyard.experts.predictors.base import Predictor, TraceOraclePredictor
+from expertyard.models.base import CausalLM
+from expertyard.quant.low_store import LowPrecisionStore
+from expertyard.quant.packed_expert import ExpertLayout
+from expertyard.quant.store import file_name
+
+DEFAULT_POLICY = "lru"
+DEFAULT_PREDICTOR = "next-gate"
+
+
+def plan_budget(model: CausalLM, cfg: OffloadConfig, max_num_seqs: int, max_model_len: int,
+                max_num_batched_tokens: int, dtype: torch.dtype, device: torch.device) -> GpuBudgetPlan:
+    """Split the device budget: resident weights, KV cache (`max_num_seqs` + 1 rows), workspace, expert slots."""
+    mcfg: ModelConfig = model.cfg
+    elt = torch.empty((), dtype=dtype).element_size()
+    expert_bytes = mcfg.expert_bytes(elt)
+    resident = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv = kv_cache_bytes(model, max_num_seqs + 1, max_model_len, dtype)
+    workspace = workspace_bytes(mcfg, max_num_batched_tokens, max_model_len, elt)
+    budget = cfg.gpu_memory_budget
+    if budget is None:
+        budget = budget_for_fraction(cfg.expert_cache_fraction, mcfg, resident, kv, workspace, expert_bytes)
+    name = "GPU" if device.type == "cuda" else "device"
+    return plan_gpu_budget(budget, mcfg, resident, kv, workspace, expert_bytes, name)
+
+
+def build_offloaded_experts(model: CausalLM, cfg: OffloadConfig, plan: GpuBudgetPlan,
+                            model_dir: Path | None) -> OffloadedExperts:
+    """The backend for `model`, whose experts were loaded into host memory (`HostLoadedExperts`)."""
+    host = _host_experts(model)
+    predictor = make_predictor(cfg, model, model_dir)
+    if cfg.precision_mode == "full":
+        return full_precision_backend(model, plan.slots, make_cache_policy(cfg, model_dir), predictor, cfg.timeline)
+    low_store = _low_precision_store(model, host, cfg, model_dir)
+    high_slots, low_slots = split_pools(plan.slots, low_store.expert_bytes / host.store.expert_bytes,
+                                        cfg.low_pool_fraction, model.cfg.moe.top_k)
+    return mixed_precision_backend(model, high_slots, low_slots, make_cache_policy(cfg, model_dir),
+                                   make_cache_policy(cfg, model_dir), low_store, cfg.precision_mode,
+                                   PrecisionThresholds(*cfg.precision_thresholds), predictor, cfg.timeline)
+
+
+def full_precision_backend(model: CausalLM, slots: int, policy: CachePolicy, predictor: Predictor | None = None,
+                           timeline: bool = False) -> OffloadedExperts:
+    """An expert cache of `slots` full-precision experts over the host store `model` was loaded into."""
+    host, mcfg = _host_experts(model), model.cfg
+    if slots < mcfg.moe.top_k:
+        raise ConfigError(f"an expert cache of {slots} slots cannot hold the {mcfg.moe.top_k} experts of one token")
+    high = FullPrecisionPool(mcfg, ExpertCacheState(slots, policy), host.store, host.device)
+    return OffloadedExperts(mcfg, host, high, TransferEngine(host.device, timeline), predictor)
+
+
+def mixed_precision_backend(model: CausalLM, high_slots: int, low_slots: int, high_policy: CachePolicy,
+                            low_policy: CachePolicy, low_store: LowPrecisionStore, mode: str = "mixed",
+                            thresholds: PrecisionThresholds | None = None, predictor: Predictor | None = None,
+                            timeline: bool = False) -> OffloadedExperts:
+    """Two pools (HOBBIT): full-precision copies and low-precision copies from `low_store`. mode "mixed":
+    token-level precision on a miss; "low": every pair accepts the low copy (quality baselines)."""
+    host, mcfg = _host_experts(model), model.cfg
+    if mode not in ("mixed", "low"):
+        raise ConfigError(f"precision mode {mode!r}: choose mixed or low (full needs no low-precision pool)")
+    for name, slots in (("full-precision", high_slots), ("low-precision", low_slots)):
+        if slots < mcfg.moe.top_k:
+            raise ConfigError(f"a {name} pool of {slots} slots cannot hold the {mcfg.moe.top_k} experts of one "
+                              "token; give the expert cache more memory")
+    mixed = MixedPrecisionCache(high_slots, high_policy, low_slots, low_policy)
+    high = FullPrecisionPool(mcfg, mixed.high, host.store, host.device)
+    low = LowPrecisionPool(mcfg, mixed.low, low_store, host.device, host.dtype)
+    return OffloadedExperts(mcfg, host, high, TransferEngine(host.device, timeline), predictor, low, mixed,
+                            mode, thresholds)
+
+
+def _host_experts(model: CausalLM) -> HostLoadedExperts:
+    host = model.experts
+    if isinstance(host, OffloadedExperts):  # rebuilt (tests, benchmarks): the same host store
+        host = host.host
+    if not isinstance(host, HostLoadedExperts):
+        raise ConfigError("an offloaded engine needs the model loaded with backend_factory="
+                          "HostLoadedExperts.factory(...) (experts in host memory)")
+    return host
+
+
+def _low_precision_store(model: CausalLM, host: HostLoadedExperts, cfg: OffloadConfig,
+                         model_dir: Path | None) -> LowPrecisionStore:
+    """Low-precision host copies: read from `expertyard quantize` files, else quantized now."""
+    mcfg, bits = model.cfg, cfg.low_precision_bits
+    files = cfg.low_precision_dir
+    if files is None and model_dir is not None and (Path(model_dir) / file_name(bits)).is_file():
+        files = Path(model_dir)
+    pin = host.device.type == "cuda"
+    if files is not None:
+        return LowPrecisionStore.from_files(files, host.keys, bits, model, mcfg.hidden_size,
+                                            mcfg.moe.intermediate_size, pin)
+    ExpertLayout.build(mcfg.hidden_size, mcfg.moe.intermediate_size, bits, cfg.group_size)  # errors first
+    return LowPrecisionStore.quantize(host.store, host.keys, bits, cfg.group_size, host.device, pin,
+                                      progress=cfg.progress)
+
+
+def make_cache_policy(cfg: OffloadConfig, model_dir: Path | None):
+    name = cfg.policy or DEFAULT_POLICY
+    if name != "hobbit":
+        return make_policy(name)
+    path = cfg.policy_weights
+    if path is None and model_dir is not None and (Path(model_dir) / "hobbit-weights.json").is_file():
+        path = Path(model_dir) / "hobbit-weights.json"
+    return make_policy("hobbit", weights=load_hobbit_weights(path)) if path else make_policy("hobbit")
+
+
+def make_predictor(cfg: OffloadConfig, model: CausalLM, model_dir: Path | None):
+    name, depth = cfg.predictor or DEFAULT_PREDICTOR, cfg.prefetch_depth
+    if name == "oracle":
+        if model.forced_routing is None:
+            raise ConfigError("--predictor oracle reads the future of a --routing-trace; give one")
+        return TraceOraclePredictor(model.forced_routing, list(model.cfg.moe_layers), depth)
+    return load_predictor(name, model, model_dir, depth, cfg.predictor_path)
