@@ -156,7 +156,7 @@ class OffloadedExperts(ExpertBackend):
         compute = torch.cuda.current_stream(self.device) if self.cuda else None
         if self.cuda:
             self.transfer.wait(compute, self.pending.pop(layer, []))
-        x_host = self.hybrid.stage_input(x) if self.hybrid is not None else None  # lands with the routing
+        staged = self.hybrid.stage_input(x, topk_w) if self.hybrid is not None else None  # lands with the routing
         started = self._start_routing([topk_ids] + [p for _, p in preds])
         with self.transfer.span(f"moe L{layer}", compute):
             y = self.high.ffn(x, self.high.table[layer][topk_ids], topk_w)  # resident pairs only
@@ -164,10 +164,9 @@ class OffloadedExperts(ExpertBackend):
         ids, pred_ids = self._split(flat, topk_ids.shape, preds)
         used = list(dict.fromkeys(ids))
         self._score_prediction(layer, used)
-        on_cpu = self.hybrid.assign(layer, used, self.state, topk_ids.shape[0]) if self.hybrid is not None else []
+        on_cpu = self.hybrid.assign(layer, ids, self.state, topk_ids.shape[0]) if self.hybrid is not None else []
         copied = [e for e in used if e not in on_cpu]
         loads = self.state.access(layer, copied, self.now)
-        self.state.counters.misses += len(on_cpu)  # computed where they are: not admitted to the cache
         if loads:
             self.transfer.copy(self.high, loads)
             if self.cuda:
@@ -177,11 +176,26 @@ class OffloadedExperts(ExpertBackend):
             with self.transfer.span(f"moe miss L{layer}", compute):
                 y = y + self.high.ffn(x, miss_slots, topk_w)
         self.high.mark_read(compute, layer, copied)
-        if on_cpu:
-            y = y + self.hybrid.compute(layer, x_host, ids, topk_w, on_cpu, topk_ids.shape)
         self.state.end_visit(layer, copied)  # first, so that a prediction may replace what this layer just used
+        if on_cpu:
+            y = y + self.hybrid.compute(layer, staged, ids, on_cpu, topk_ids.shape)
+            self._admit(layer, on_cpu)
         self._prefetch(pred_ids)
         return y
+
+    def _admit(self, layer: int, on_cpu: list[int]) -> None:
+        """CPU-computed experts missed the cache: while the link idles, copy one of them in behind the layer (its
+        next visit waits for the copy), so that the cache keeps learning; count the others' misses."""
+        admit = on_cpu[:1] if self.hybrid.mode == "auto" and self.transfer.link_idle() else []
+        self.state.counters.misses += len(on_cpu) - len(admit)
+        if not admit:
+            return
+        loads = self.state.access(layer, admit, self.now)  # counted as the miss it is
+        self.state.end_visit(layer, admit)
+        self.transfer.copy(self.high, loads)
+        self.hybrid.stats.admitted += len(loads)
+        if self.cuda:
+            self.pending.setdefault(layer, []).extend(self.high.ready_events(loads))
 
     def _forward_loaded_first(self, layer, x, topk_ids, topk_w, preds):
         """Learn the routing, then load and compute in groups of experts that fit the cache."""
@@ -279,8 +293,8 @@ class OffloadedExperts(ExpertBackend):
             self.transfer.copy(pool, [pl.load for pl in loads if pl.pool == name])
 
     def _prefetch(self, keys: list[tuple[int, int]]) -> None:
-        if not keys:
-            return
+        if not keys or (self.hybrid is not None and not self.transfer.link_idle()):
+            return  # with the CPU as a second pipe, predictions only use a link that would otherwise idle
         if self.mixed is not None:  # HOBBIT: low-precision copies, nearest layer first, deeper while cached
             by_layer: dict[int, list[int]] = {}
             for layer, e in keys:

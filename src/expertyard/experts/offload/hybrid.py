@@ -1,0 +1,138 @@
+"""The host CPU as the second pipe: per MoE layer, once its routing is known, each missed expert is either copied
+over the link and computed on the device, or computed on the host CPU straight from host memory (no copy of its
+weights; only the layer input and the partial output cross the link).
+
+The split minimises the layer's finish time under the measured cost model (`experts/cpu/costs.py`): copies run
+one after another on the link (k copies take k x copy time), the CPU computes its share meanwhile (the sum of its
+experts' times, each a function of the expert's token count and the CPU precision), so the layer ends at
+max(link, CPU). Prefill chunks and large batches go to the link (CPU time grows with tokens, a copy does not);
+batch-1 decode splits. Experts computed on the CPU are not admitted to the cache on the spot; while the link
+would otherwise idle, one of them is copied in behind the layer so that the cache keeps learning.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from expertyard.experts.cache_state import ExpertCacheState
+from expertyard.experts.cpu import CpuExpertCompute, HybridCosts
+
+# T = tokens, K = experts per token, D = hidden
+
+
+@dataclass
+class HybridStats:
+    cpu_experts: int = 0  # expert visits computed on the host CPU
+    copied_experts: int = 0  # missed expert visits copied to the device
+    admitted: int = 0  # CPU-computed experts copied in behind the layer (the link was idle)
+    cpu_seconds: float = 0.0  # host time in CPU expert compute (including the result's staging)
+    per_layer: dict[int, list[int]] = field(default_factory=dict)  # layer -> [on CPU, copied]
+    visits: list[tuple[int, list[int]]] = field(default_factory=list)  # per visit: (tokens, token counts of misses)
+
+
+def best_split(cpu_costs: list[float], copy_s: float) -> tuple[int, float]:
+    """(how many misses go to the CPU, the layer's finish time): the cheapest-on-CPU misses go to the CPU, the
+    rest are copied one after another; `cpu_costs` sorted ascending."""
+    best_n, best_t = 0, len(cpu_costs) * copy_s
+    cpu_total = 0.0
+    for n, c in enumerate(cpu_costs, start=1):
+        cpu_total += c
+        t = max(cpu_total, (len(cpu_costs) - n) * copy_s)
+        if t < best_t:
+            best_n, best_t = n, t
+    return best_n, best_t
+
+
+class HybridExecutor:
+    def __init__(self, compute: CpuExpertCompute, costs: HybridCosts, mode: str, precision: str,
+                 device: torch.device, dtype: torch.dtype):
+        self.compute_engine, self.costs = compute, costs
+        self.mode, self.precision = mode, precision  # mode "auto": cost model; "on": every miss on the CPU
+        self.device, self.dtype = device, dtype
+        self.cuda = device.type == "cuda"
+        self.copy_s = costs.copy_s(costs.expert_bytes["full"])
+        self._x = self._w = self._y = None  # pinned staging buffers (CUDA), grown on demand
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self.stats = HybridStats()
+
+    # ---- on the device's schedule ---------------------------------------------------------------------
+    def stage_input(self, x: torch.Tensor, topk_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Start copying the layer input x [T, D] and gate weights [T, K] to the host (before the routing event,
+        so they land with it)."""
+        if not self.cuda:
+            return x, topk_w
+        t = x.shape[0]
+        if self._x is None or self._x.shape[0] < t:
+            n = max(t, 64)
+            self._x = torch.empty(n, x.shape[1], dtype=x.dtype, pin_memory=True)
+            self._w = torch.empty(n, topk_w.shape[1], dtype=torch.float32, pin_memory=True)
+            self._y = torch.empty(n, x.shape[1], dtype=self.dtype, pin_memory=True)
+        self._x[:t].copy_(x, non_blocking=True)
+        self._w[:t].copy_(topk_w, non_blocking=True)
+        return self._x[:t], self._w[:t]
+
+    def assign(self, layer: int, ids: list[int], state: ExpertCacheState, tokens: int) -> list[int]:
+        """The missed experts of this visit that the CPU computes (the rest are copied). `ids`: the visit's
+        routing, flat [T * K]."""
+        counts = Counter(ids)
+        missed = [e for e in counts if state.slot_of((layer, e)) is None]
+        self.stats.visits.append((tokens, [counts[e] for e in missed]))
+        if not missed:
+            return []
+        if self.mode == "on":
+            on_cpu = missed
+        else:
+            missed.sort(key=lambda e: counts[e])
+            n, _ = best_split([self.costs.cpu_s(self.precision, counts[e]) for e in missed], self.copy_s)
+            on_cpu = missed[:n]
+        split = self.stats.per_layer.setdefault(layer, [0, 0])
+        split[0] += len(on_cpu)
+        split[1] += len(missed) - len(on_cpu)
+        self.stats.cpu_experts += len(on_cpu)
+        self.stats.copied_experts += len(missed) - len(on_cpu)
+        return on_cpu
+
+    def compute(self, layer: int, staged: tuple[torch.Tensor, torch.Tensor], ids: list[int], on_cpu: list[int],
+                shape: torch.Size) -> torch.Tensor:
+        """The CPU's share of the layer, y [T, D] on the device (its copy queued on the current stream)."""
+        t0 = time.perf_counter()
+        x_host, w_host = staged  # [T, D], [T, K] on the host
+        flat_ids = torch.tensor(ids, dtype=torch.long).view(shape)  # [T, K]
+        items = []
+        for e in on_cpu:
+            tok, k = (flat_ids == e).nonzero(as_tuple=True)
+            items.append(((layer, e), self.precision, tok, w_host[tok, k]))
+        y = self.compute_engine.run(x_host, items)  # [T, D] float32
+        if self.cuda:
+            out = self._y[:y.shape[0]]
+            out.copy_(y)
+            y = out.to(self.device, non_blocking=True)
+        else:
+            y = y.to(self.dtype)
+        self.stats.cpu_seconds += time.perf_counter() - t0
+        return y
+
+    # ---- reporting ------------------------------------------------------------------------------------
+    def bound_s(self, visits: list[tuple[int, list[int]]] | None = None) -> float:
+        """Seconds the misses of `visits` (default: this run's) need at least: per visit, the best split between
+        the link and the CPU at the measured costs."""
+        total = 0.0
+        for _, counts in self.stats.visits if visits is None else visits:
+            costs = sorted(self.costs.cpu_s(self.precision, c) for c in counts)
+            total += best_split(costs, self.copy_s)[1]
+        return total
+
+    def report(self, tokens: int) -> dict:
+        s, tokens = self.stats, max(tokens, 1)
+        return {"cpu_compute": self.mode, "cpu_precision": self.precision,
+                "cpu_experts_per_token": s.cpu_experts / tokens, "copied_misses_per_token": s.copied_experts / tokens,
+                "admitted_per_token": s.admitted / tokens, "cpu_ms_per_token": 1e3 * s.cpu_seconds / tokens,
+                "miss_bound_ms_per_token": 1e3 * self.bound_s() / tokens,
+                "split_per_layer": {str(l): {"cpu": c, "copied": g} for l, (c, g) in sorted(s.per_layer.items())},
+                "costs": self.costs.to_dict()}
