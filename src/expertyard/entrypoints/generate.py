@@ -71,10 +71,19 @@ def run(args) -> int:
 
 
 def format_stats(s: dict) -> str:
-    return (f"[expert cache: {s['cache_slots']} slots, hit rate {100 * s['hit_rate']:.1f}% "
-            f"({s['hits']} hits, {s['misses']} misses, {s['misses_per_token']:.2f}/token); prefetch: "
-            f"{s['prefetches']} loads, precision {100 * s['prefetch_precision']:.0f}%, predictor precision "
-            f"{100 * s['predictor_precision']:.0f}% recall {100 * s['predictor_recall']:.0f}%; copied "
-            f"{s['bytes_copied'] / 2**20:,.0f} MiB ({s['bytes_per_token'] / 2**20:,.1f} MiB/token), copy engine busy "
-            f"{s['copy_busy_s']:.3f} s, stall {s['stall_ms_per_token']:.2f} ms/token, host sync "
-            f"{s['host_sync_ms_per_token']:.2f} ms/token]")
+    """The offload statistics of `OffloadedExperts.report`, for people (--stats)."""
+    link = (f"copy stream busy {s['copy_busy_s']:.3f} s, stall {s['stall_ms_per_token']:.2f} ms/token, "
+            if s["host_pinned"] or s["copy_busy_s"] else "")
+    lines = [f"[expert cache: {s['cache_slots']} slots, hit rate {100 * s['hit_rate']:.1f}% "
+             f"({s['hits']} hits, {s['misses']} misses, {s['misses_per_token']:.2f}/token); prefetch: "
+             f"{s['prefetches']} loads, precision {100 * s['prefetch_precision']:.0f}%, predictor precision "
+             f"{100 * s['predictor_precision']:.0f}% recall {100 * s['predictor_recall']:.0f}%; copied "
+             f"{s['bytes_copied'] / 2**20:,.0f} MiB ({s['bytes_per_token'] / 2**20:,.1f} MiB/token), {link}routing "
+             f"read {s['host_sync_ms_per_token']:.2f} ms/token (p50 {s['routing_wait_us_p50']:.0f} us per layer)]"]
+    if "cpu_compute" in s:
+        split = " ".join(f"L{layer}:{v['cpu']}/{v['copied']}" for layer, v in s["split_per_layer"].items())
+        lines.append(f"[misses on the CPU ({s['cpu_precision']}): {s['cpu_experts_per_token']:.2f}/token, "
+                     f"{s['cpu_ms_per_token']:.2f} ms/token; copied: {s['copied_misses_per_token']:.2f}/token; "
+                     f"admitted behind the layer: {s['admitted_per_token']:.2f}/token; split per layer "
+                     f"(CPU/copied): {split or 'no misses'}]")
+    return "\n".join(lines)

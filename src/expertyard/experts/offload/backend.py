@@ -113,10 +113,10 @@ class OffloadedExperts(ExpertBackend):
     def forward_routed(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor,
                        preds: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
         """`forward` with the predictions already made (piecewise CUDA graphs compute them in the graph)."""
-        fits = topk_ids.numel() <= self.state.capacity
+        fits = topk_ids.numel() <= self.state.capacity  # (with every miss on the CPU, nothing needs a slot)
         if self.mixed is not None and topk_ids.numel() <= min(self.high.capacity, self.low.capacity):
             y = self._forward_mixed(layer, x, topk_ids, topk_w, preds)
-        elif (self.cuda or self.hybrid is not None) and fits:
+        elif (self.cuda or self.hybrid is not None) and fits or self.hybrid is not None and self.hybrid.mode == "on":
             y = self._forward_speculative(layer, x, topk_ids, topk_w, preds)
         else:
             y = self._forward_loaded_first(layer, x, topk_ids, topk_w, preds)

@@ -11,12 +11,14 @@ from expertyard.config import ModelConfig
 from expertyard.engine.kv_cache import kv_cache_bytes
 from expertyard.errors import ConfigError
 from expertyard.experts.cache_state import ExpertCacheState
+from expertyard.experts.cpu import CpuExpertCompute, CpuExpertStore, measure_costs, set_cpu_threads
 from expertyard.experts.mixed_cache import MixedPrecisionCache
 from expertyard.experts.offload.backend import OffloadedExperts
 from expertyard.experts.offload.budget import GpuBudgetPlan, budget_for_fraction, plan_gpu_budget, split_pools, \
     workspace_bytes
 from expertyard.experts.offload.config import OffloadConfig
 from expertyard.experts.offload.host_loader import HostLoadedExperts
+from expertyard.experts.offload.hybrid import HybridExecutor
 from expertyard.experts.offload.slot_pool import FullPrecisionPool, LowPrecisionPool
 from expertyard.experts.offload.transfer import TransferEngine
 from expertyard.experts.policies import CachePolicy, make_policy
@@ -55,7 +57,9 @@ def build_offloaded_experts(model: CausalLM, cfg: OffloadConfig, plan: GpuBudget
     host = _host_experts(model)
     predictor = make_predictor(cfg, model, model_dir)
     if cfg.precision_mode == "full":
-        return full_precision_backend(model, plan.slots, make_cache_policy(cfg, model_dir), predictor, cfg.timeline)
+        hybrid = build_hybrid(host, cfg) if cfg.cpu_compute != "off" else None
+        return full_precision_backend(model, plan.slots, make_cache_policy(cfg, model_dir), predictor, cfg.timeline,
+                                      hybrid)
     low_store = _low_precision_store(model, host, cfg, model_dir)
     high_slots, low_slots = split_pools(plan.slots, low_store.expert_bytes / host.store.expert_bytes,
                                         cfg.low_pool_fraction, model.cfg.moe.top_k)
@@ -65,13 +69,26 @@ def build_offloaded_experts(model: CausalLM, cfg: OffloadConfig, plan: GpuBudget
 
 
 def full_precision_backend(model: CausalLM, slots: int, policy: CachePolicy, predictor: Predictor | None = None,
-                           timeline: bool = False) -> OffloadedExperts:
+                           timeline: bool = False, hybrid: HybridExecutor | None = None) -> OffloadedExperts:
     """An expert cache of `slots` full-precision experts over the host store `model` was loaded into."""
     host, mcfg = _host_experts(model), model.cfg
     if slots < mcfg.moe.top_k:
         raise ConfigError(f"an expert cache of {slots} slots cannot hold the {mcfg.moe.top_k} experts of one token")
     high = FullPrecisionPool(mcfg, ExpertCacheState(slots, policy), host.store, host.device)
-    return OffloadedExperts(mcfg, host, high, TransferEngine(host.device, timeline), predictor)
+    return OffloadedExperts(mcfg, host, high, TransferEngine(host.device, timeline), predictor, hybrid=hybrid)
+
+
+def build_hybrid(host: HostLoadedExperts, cfg: OffloadConfig) -> HybridExecutor:
+    """CPU expert compute from host memory (and the `cpu_precision` copies it needs, made now), with the cost
+    model's figures measured on this machine."""
+    if cfg.cpu_threads is not None:
+        set_cpu_threads(cfg.cpu_threads)
+    precisions = {"full", cfg.cpu_precision}
+    quantize_on = host.device if host.device.type == "cuda" else None
+    store = CpuExpertStore(host.store, host.keys, precisions, progress=cfg.progress, quantize_device=quantize_on)
+    costs = measure_costs(store, host.device, [cfg.cpu_precision])
+    return HybridExecutor(CpuExpertCompute(store), costs, cfg.cpu_compute, cfg.cpu_precision, host.device,
+                          host.dtype)
 
 
 def mixed_precision_backend(model: CausalLM, high_slots: int, low_slots: int, high_policy: CachePolicy,

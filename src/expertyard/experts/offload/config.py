@@ -6,12 +6,12 @@ before it allocates anything (`experts/offload/build.py`). Every field is checke
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from expertyard.errors import ConfigError
+from expertyard.experts.cpu.threads import logical_cpus
 from expertyard.experts.policies import POLICIES
 from expertyard.experts.predictors import PREDICTOR_NAMES
 
@@ -52,7 +52,8 @@ class OffloadConfig:
     cpu_precision: str = "full"
     """Weights the CPU computes misses from: full (the model's dtype), int8 or int4 (weight-only, made at load)."""
     cpu_threads: int | None = None
-    """Threads for CPU expert compute; default: the physical cores."""
+    """Threads for CPU expert compute (torch's intra-op threads, set for the process); default: torch's, which
+    is the physical cores."""
     timeline: bool = False
     """Record a Chrome trace of compute, copy and CPU spans."""
     progress: bool = False
@@ -97,10 +98,14 @@ class OffloadConfig:
             raise ConfigError(f"--cpu-compute {self.cpu_compute!r}: choose auto, on or off")
         if self.cpu_precision not in CPU_PRECISIONS:
             raise ConfigError(f"--cpu-precision {self.cpu_precision!r}: choose one of {', '.join(CPU_PRECISIONS)}")
-        available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        available = logical_cpus()
         if self.cpu_threads is not None and not 1 <= self.cpu_threads <= available:
             raise ConfigError(f"--cpu-threads {self.cpu_threads} is out of range: this process may use 1 to "
-                              f"{available} CPUs")
+                              f"{available} CPUs; leave it out for the default (the physical cores)")
+        if self.cpu_compute == "on" and self.precision in ("mixed", "low"):
+            raise ConfigError(f"--cpu-compute on computes misses on the CPU from --cpu-precision copies; it does not "
+                              f"combine with --precision {self.precision} (the device's low-precision pool): use "
+                              "--cpu-precision int4 instead, or --precision full")
         if self.cpu_compute == "off" and (self.cpu_threads is not None or self.cpu_precision != "full"):
             raise ConfigError("--cpu-threads / --cpu-precision set the host CPU's expert compute, which "
                               "--cpu-compute off turns off; drop them or use --cpu-compute auto")

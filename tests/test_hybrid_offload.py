@@ -1,0 +1,146 @@
+"""Hybrid CPU-GPU offloading: misses computed on the host CPU from host memory beside copies, split per layer by
+the cost model. Exact against resident execution in float32 (the CPU standing in for the device here; the CUDA
+path is in tests/gpu/test_hybrid_cuda.py); the split against a brute-force optimum; bad input."""
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from expertyard.engine.llm_engine import EngineConfig, LLMEngine
+from expertyard.engine.sampling_params import SamplingParams
+from expertyard.entrypoints.cli import main
+from expertyard.errors import ConfigError
+from expertyard.experts.cpu import CpuExpertCompute, CpuExpertStore, HybridCosts
+from expertyard.experts.offload.build import full_precision_backend
+from expertyard.experts.offload.config import OffloadConfig
+from expertyard.experts.offload.host_loader import HostLoadedExperts
+from expertyard.experts.offload.hybrid import HybridExecutor, best_split
+from expertyard.experts.policies import make_policy
+from expertyard.experts.predictors import NextGatePredictor
+from expertyard.loader import load_model
+
+from conftest import ARCH_CASES
+from test_offload import _engine, _prompts, resident_tokens_and_logprobs
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(0.0, 10.0), min_size=0, max_size=7), st.floats(0.01, 10.0))
+def test_best_split_is_the_optimum_over_every_subset(cpu_costs, copy_s):
+    cpu_costs = sorted(cpu_costs)
+    n = len(cpu_costs)
+    brute = min(max(sum(cpu_costs[i] for i in subset), (n - len(subset)) * copy_s)
+                for r in range(n + 1) for subset in itertools.combinations(range(n), r))
+    on_cpu, finish = best_split(cpu_costs, copy_s)
+    assert finish == pytest.approx(brute)
+    assert finish == pytest.approx(max(sum(cpu_costs[:on_cpu]), (n - on_cpu) * copy_s))
+
+
+def _costs(cpu_ms: float, copy_ms: float, expert_bytes: int) -> HybridCosts:
+    """Fixed figures (not measured), so that the split is decided by the test: CPU time per expert and per token
+    against the link's time per expert."""
+    return HybridCosts(pcie_bytes_per_s=expert_bytes / (copy_ms / 1e3), cpu_fit={p: (cpu_ms / 1e3, cpu_ms / 1e4)
+                       for p in ("full", "int8", "int4")}, gpu_fit=(1e-5, 1e-6),
+                       expert_bytes={"full": expert_bytes, "int8": expert_bytes // 2, "int4": expert_bytes // 4})
+
+
+def hybrid_engine(path, device, dtype, slots, mode="auto", precision="full", cpu_ms=1.0, copy_ms=1.0, depth=1,
+                  graphs=False):
+    loaded = load_model(path, device, dtype, progress=False, backend_factory=HostLoadedExperts.factory())
+    host = loaded.model.experts
+    store = CpuExpertStore(host.store, host.keys, {"full", precision}, progress=False)
+    hybrid = HybridExecutor(CpuExpertCompute(store), _costs(cpu_ms, copy_ms, host.store.expert_bytes), mode,
+                            precision, host.device, dtype)
+    backend = full_precision_backend(loaded.model, slots, make_policy("lru"), NextGatePredictor(loaded.model, depth),
+                                     hybrid=hybrid)
+    loaded.model.set_expert_backend(backend)
+    return _engine(loaded, graphs=graphs)
+
+
+@pytest.mark.parametrize("arch", ARCH_CASES)
+@pytest.mark.parametrize("mode", ["on", "auto"])
+def test_hybrid_generation_equals_resident(arch, mode, tiny_checkpoint):
+    """float32: the same greedy tokens and logprobs as resident experts, with misses on the CPU (every one with
+    `on`; with `auto` at equal CPU and link costs, a 2-miss visit splits one and one) and copies evicting."""
+    path, _ = tiny_checkpoint(arch)
+    ref_tokens, ref_logp = resident_tokens_and_logprobs(path, "cpu", torch.float32)
+    top_k = load_model(path, "cpu", torch.float32, progress=False).config.moe.top_k
+    slots = top_k + 1 if mode == "on" else 3 * top_k + 1  # auto: a decode step's 3 x top_k experts fit, copies evict
+    engine = hybrid_engine(path, "cpu", torch.float32, slots=slots, mode=mode)
+    seqs = engine.generate(_prompts(), SamplingParams(temperature=0, max_tokens=12, logprobs=1))
+    assert [s.output_token_ids for s in seqs] == ref_tokens
+    torch.testing.assert_close(torch.tensor([[x["logprob"] for x in s.logprobs] for s in seqs]),
+                               torch.tensor(ref_logp), atol=1e-4, rtol=1e-4)
+    r = engine.model.experts.report(tokens=36)
+    assert r["cpu_experts_per_token"] > 0
+    if mode == "on":
+        assert r["copied_misses_per_token"] == 0
+    else:
+        assert r["copied_misses_per_token"] > 0 and r["bytes_copied"] > 0
+    splits = r["split_per_layer"]
+    assert sum(v["cpu"] for v in splits.values()) == round(r["cpu_experts_per_token"] * 36)
+
+
+def test_cpu_share_of_a_visit_against_a_float64_reference(tiny_checkpoint):
+    """One visit through the executor (int8 CPU copies): y equals sum_k w * expert_k(x) computed in float64 from
+    the very dequantized weights the CPU reads."""
+    path, _ = tiny_checkpoint("mixtral")
+    loaded = load_model(path, "cpu", torch.float32, progress=False, backend_factory=HostLoadedExperts.factory())
+    host, cfg = loaded.model.experts, loaded.config
+    store = CpuExpertStore(host.store, host.keys, {"full", "int8"}, progress=False)
+    hybrid = HybridExecutor(CpuExpertCompute(store), _costs(1, 1, host.store.expert_bytes), "on", "int8",
+                            torch.device("cpu"), torch.float32)
+    g = torch.Generator().manual_seed(0)
+    t, k, layer = 5, cfg.moe.top_k, cfg.moe_layers[0]
+    x = torch.randn(t, cfg.hidden_size, generator=g)
+    ids = torch.stack([torch.randperm(cfg.moe.num_experts, generator=g)[:k] for _ in range(t)])
+    w = torch.rand(t, k, generator=g)
+    on_cpu = sorted(set(ids.flatten().tolist()))[:3]
+    y = hybrid.compute(layer, hybrid.stage_input(x, w), ids.flatten().tolist(), on_cpu, ids.shape)
+    ref = torch.zeros(t, cfg.hidden_size, dtype=torch.float64)
+    for i in range(t):
+        for j in range(k):
+            e = int(ids[i, j])
+            if e in on_cpu:
+                w13, w2 = (m.double() for m in store.get((layer, e), "int8").dequantize())
+                gate, up = (w13 @ x[i].double()).chunk(2)
+                ref[i] += float(w[i, j]) * (w2 @ (torch.nn.functional.silu(gate) * up))
+    torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_a_prefill_sized_visit_goes_to_the_link():
+    """CPU time grows with tokens, a copy does not: many tokens per expert send every miss to the link."""
+    costs = _costs(cpu_ms=1.0, copy_ms=1.0, expert_bytes=1000)
+    assert best_split(sorted(costs.cpu_s("full", 512) for _ in range(4)), costs.copy_s(1000))[0] == 0
+    assert best_split([costs.cpu_s("full", 1)] * 2, costs.copy_s(1000))[0] == 1
+
+
+def test_offload_config_errors_name_the_value():
+    with pytest.raises(ConfigError, match="--cpu-threads 100000 is out of range"):
+        OffloadConfig(expert_cache_fraction=0.5, cpu_threads=100000)
+    with pytest.raises(ConfigError, match="--cpu-precision 'int3'"):
+        OffloadConfig(expert_cache_fraction=0.5, cpu_precision="int3")
+    with pytest.raises(ConfigError, match="--cpu-compute off turns off"):
+        OffloadConfig(expert_cache_fraction=0.5, cpu_compute="off", cpu_threads=1)
+    with pytest.raises(ConfigError, match="exactly one of"):
+        OffloadConfig()
+    with pytest.raises(ConfigError, match="--policy 'foo'"):
+        OffloadConfig(expert_cache_fraction=0.5, policy="foo")
+
+
+def test_flags_are_checked_before_the_model_loads(capsys, tmp_path):
+    missing = tmp_path / "no-model"  # would fail to load: the flag error must come first
+    assert main(["generate", "--model", str(missing), "--prompt", "x", "--low-precision", "int4"]) != 0
+    assert "only act(s) on offloaded experts: add --offload" in capsys.readouterr().err
+    assert main(["generate", "--model", str(missing), "--prompt", "x", "--offload", "--expert-cache-fraction", "0.3",
+                 "--cpu-threads", "0"]) != 0
+    assert "--cpu-threads 0 is out of range" in capsys.readouterr().err
+
+
+def test_generate_with_cpu_compute_prints_the_split(capsys):
+    assert main(["generate", "--prompt", "Once upon a time", "--max-tokens", "8", "--temperature", "0",
+                 "--offload", "--expert-cache-fraction", "0.25", "--cpu-compute", "on", "--stats"]) == 0
+    out = capsys.readouterr()
+    assert "on the CPU" in out.out + out.err
