@@ -14,21 +14,24 @@ import torch
 from expertyard.engine.cuda_graph import DecodeGraphs
 from expertyard.engine.llm_engine import LLMEngine
 from expertyard.experts.cache_state import ExpertCacheState
+from expertyard.experts.policies.belady import BeladyPolicy
 from expertyard.experts.resident import ResidentExperts
 
 
-def belady_misses(visits: list[tuple[int, list[int]]], capacity: int, count_from: int) -> int:
-    """Misses of the offline optimum over `visits[count_from:]`, the cache warmed by the visits before."""
-    from expertyard.experts.policies.belady import BeladyPolicy
-
+def belady_miss_sets(visits: list[tuple[int, list[int]]], capacity: int, count_from: int) -> list[list[tuple]]:
+    """Per visit of `visits[count_from:]`, the experts the offline optimum misses, the cache warmed by the visits
+    before."""
     state = ExpertCacheState(capacity, BeladyPolicy(visits))
-    misses_before = 0
+    missed = []
     for now, (layer, experts) in enumerate(visits):
-        if now == count_from:
-            misses_before = state.counters.misses
-        state.access(layer, experts, now)
-        state.end_visit(layer, experts)
-    return state.counters.misses - misses_before
+        loads = []
+        for start in range(0, len(experts), capacity):  # a prefill visit may need more than fit: in groups
+            group = experts[start:start + capacity]
+            loads += state.access(layer, group, now)
+            state.end_visit(layer, group)
+        if now >= count_from:
+            missed.append([ld.key for ld in loads])
+    return missed
 
 
 def resident_decode_ms(engine: LLMEngine, prompts: list[list[int]], decode_tokens: int, bench) -> float | None:

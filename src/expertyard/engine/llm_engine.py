@@ -53,6 +53,7 @@ class LLMEngine:
                  eos_token_ids: set[int] | None = None):
         self.config = config or EngineConfig()
         self.model, self.model_config, self.tokenizer = loaded.model, loaded.config, tokenizer
+        self.model_path = loaded.path  # the checkpoint directory (None for built models): files beside it
         param = next(self.model.parameters())
         self.device, self.dtype = param.device, param.dtype
         limit = self.model_config.max_position_embeddings

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 
 from expertyard.bench.hardware import measure_copy_bandwidth
+from expertyard.bench.offload import belady_miss_sets, resident_decode_ms
 from expertyard.bench.transformers_baseline import TransformersBaseline
 from expertyard.bench.weights import active_bytes_per_token
 from expertyard.engine.collector import freeze_long_lived
@@ -19,6 +21,7 @@ from expertyard.entrypoints.common import (add_model_args, add_offload_args, asy
                                           load_from_args, resolve_device)
 from expertyard.disagg.flags import add_disagg_args
 from expertyard.errors import ConfigError
+from expertyard.experts.offload.build import build_offloaded_experts
 from expertyard.loader.load import LoadedModel
 
 
@@ -36,6 +39,12 @@ def add_parser(sub) -> None:
                         "(accelerate: with --offload, transformers + accelerate offload under the same GPU budget)")
     p.add_argument("--compare-decode-tokens", type=int, default=8, help="tokens the accelerate baseline decodes")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0: greedy decode; > 0: sample (seeded by --seed), so that random weights do not collapse "
+                        "onto a few tokens and a few experts")
+    p.add_argument("--hybrid-sweep", action="store_true",
+                   help="with --offload: measure copy-only, CPU-only (every miss on the CPU), hybrid, and hybrid with "
+                        "int4 CPU copies side by side, on the same host copies")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON result here")
     p.set_defaults(func=run)
 
@@ -45,9 +54,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_engine(engine: LLMEngine, prompts: list[list[int]], decode_tokens: int, after_prefill=None) -> dict:
-    """One batch: time of the prefill step, then of the decode steps. Greedy, EOS ignored."""
-    params = SamplingParams(temperature=0, max_tokens=decode_tokens, ignore_eos=True)
+def bench_engine(engine: LLMEngine, prompts: list[list[int]], decode_tokens: int, after_prefill=None,
+                 temperature: float = 0.0, seed: int = 0) -> dict:
+    """One batch: time of the prefill step, then of the decode steps. Greedy (or sampled), EOS ignored."""
+    params = SamplingParams(temperature=temperature, max_tokens=decode_tokens, ignore_eos=True,
+                            seed=seed if temperature > 0 else None)
     seqs = [engine.add_request(p, params) for p in prompts]
     _sync(engine.device)
     t0 = time.perf_counter()
@@ -123,58 +134,91 @@ def _emit(result: dict, args, print_fn) -> int:
     return 0
 
 
-def run_offloaded(args, batch_sizes: list[int]) -> int:
-    """Offloaded decode: tokens/s, cache and transfer statistics, and the physical bound beside them."""
-    from expertyard.bench.offload import belady_misses, resident_decode_ms
+HYBRID_SWEEP = (("copy-only", "off", "full"), ("CPU-only", "on", "full"), ("hybrid", "auto", "full"),
+                ("hybrid int4", "auto", "int4"))
 
+
+def run_offloaded(args, batch_sizes: list[int]) -> int:
+    """Offloaded decode: tokens/s, cache, transfer and CPU statistics, and the physical bound beside them."""
     engine = engine_from_args(args, max_num_seqs=max(batch_sizes),
                               max_model_len=args.prompt_len + args.decode_tokens + 1,
                               max_num_batched_tokens=max(batch_sizes) * args.prompt_len)
-    backend, cfg, device = engine.model.experts, engine.model_config, engine.device
-    plan = engine.offload_plan
+    cfg, device, plan = engine.model_config, engine.device, engine.offload_plan
+    backend = engine.model.experts
     result = {"model": args.synthetic or str(args.model or "bundled"), "num_layers": cfg.num_layers,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "dtype": str(engine.dtype).removeprefix("torch."), "prompt_len": args.prompt_len,
-              "decode_tokens": args.decode_tokens, "policy": args.policy, "predictor": args.predictor,
-              "prefetch_depth": args.prefetch_depth, "routing_trace": str(args.routing_trace or ""),
+              "decode_tokens": args.decode_tokens, "policy": backend.state.policy.name,
+              "predictor": backend.predictor.name, "prefetch_depth": args.prefetch_depth,
+              "routing": f"forced from {args.routing_trace}" if args.routing_trace else (
+                  f"sampled at temperature {args.temperature}" if args.temperature > 0 else "greedy"),
               "budget": plan.describe(), "cache_slots": plan.slots, "expert_bytes": plan.expert_bytes,
               "cache_fraction": plan.slots / plan.total_experts, "runs": []}
     if device.type == "cuda":
         result["copy_bandwidth"] = measure_copy_bandwidth(device)
         torch.cuda.reset_peak_memory_stats(device)
-    gen = torch.Generator().manual_seed(args.seed)
-    for b in batch_sizes:
-        prompts = torch.randint(0, cfg.vocab_size, (b, args.prompt_len), generator=gen).tolist()
-        backend.visits = []  # from the warm-up on, so that the Belady replay starts from the same cache history
-        bench_engine(engine, prompts, min(args.decode_tokens, 4))  # warm-up: Triton compilation
-        marks = {}
-
-        def after_prefill():
-            backend.reset_stats()
-            marks["decode_from"] = len(backend.visits)
-
-        row = {"batch": b, "expertyard": bench_engine(engine, prompts, args.decode_tokens, after_prefill)}
-        tokens = b * (args.decode_tokens - 1)  # decode tokens timed (the prefill step makes the first)
-        row["offload"] = backend.report(tokens)
-        visits, backend.visits = backend.visits, None
-        must = belady_misses(visits, plan.slots, marks["decode_from"]) * plan.expert_bytes / tokens
-        row["belady_bytes_per_token"] = must
-        if device.type == "cuda":
-            row["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
-            peak = result["copy_bandwidth"]["h2d_pinned_GBps"] * 1e9
-            resident_ms = resident_decode_ms(engine, prompts, args.decode_tokens, bench_engine)
-            row["resident_ms_per_step"] = resident_ms
-            if resident_ms is not None:
-                bound_ms = 1e3 * must * b / peak + resident_ms
-                row["bound_ms_per_step"] = bound_ms
-                row["vs_bound"] = row["expertyard"]["decode_ms_per_step"] / bound_ms
-            row["achieved_h2d_GBps"] = row["offload"]["bytes_per_token"] * row["expertyard"]["decode_tokens_per_s"] / 1e9
-        result["runs"].append(row)
-    if args.timeline and backend.timeline is not None:
-        backend.timeline.write(args.timeline)
+    configs = [(label, dataclasses.replace(engine.config.offload, cpu_compute=mode, cpu_precision=precision))
+               for label, mode, precision in HYBRID_SWEEP] if args.hybrid_sweep else [(None, engine.config.offload)]
+    resident_ms: dict[int, float | None] = {}
+    for label, offload in configs:
+        if offload is not engine.config.offload:
+            previous = engine.model.experts.host
+            engine.model.set_expert_backend(previous)  # the previous cache goes before the next one is allocated
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            engine.model.set_expert_backend(build_offloaded_experts(engine.model, offload, plan, engine.model_path))
+        for b in batch_sizes:
+            row = bench_offloaded_batch(engine, args, b, resident_ms, result.get("copy_bandwidth"))
+            result["runs"].append(({"config": label} if label else {}) | row)
+    if args.timeline and engine.model.experts.timeline is not None:
+        engine.model.experts.timeline.write(args.timeline)
     if args.compare == "accelerate" and device.type == "cuda":
         result["accelerate"] = compare_accelerate(engine, plan, args, result["runs"][0])
     return _emit(result, args, print_offload_table)
+
+
+def bench_offloaded_batch(engine: LLMEngine, args, b: int, resident_ms: dict, copy_bandwidth: dict | None) -> dict:
+    """One batch size on the engine's current backend; `resident_ms` caches the all-resident step per batch."""
+    backend, cfg, plan = engine.model.experts, engine.model_config, engine.offload_plan
+    gen = torch.Generator().manual_seed(args.seed + b)
+    prompts = torch.randint(0, cfg.vocab_size, (b, args.prompt_len), generator=gen).tolist()
+    sample = {"temperature": args.temperature, "seed": args.seed}
+    backend.visits = []  # from the warm-up on, so that the Belady replay starts from the same cache history
+    bench_engine(engine, prompts, min(args.decode_tokens, 4), **sample)  # warm-up: Triton compilation
+    marks = {}
+
+    def after_prefill():
+        backend.reset_stats()
+        marks["decode_from"] = len(backend.visits)
+
+    row = {"batch": b, "expertyard": bench_engine(engine, prompts, args.decode_tokens, after_prefill, **sample)}
+    steps = args.decode_tokens - 1
+    tokens = b * steps  # decode tokens timed (the prefill step makes the first)
+    row["offload"] = backend.report(tokens)
+    visits, backend.visits = backend.visits, None
+    belady = belady_miss_sets(visits, plan.slots, marks["decode_from"])
+    row["belady_bytes_per_token"] = sum(map(len, belady)) * plan.expert_bytes / tokens
+    if engine.device.type != "cuda":
+        return row
+    row["peak_memory_bytes"] = torch.cuda.max_memory_allocated(engine.device)
+    if b not in resident_ms:
+        resident_ms[b] = resident_decode_ms(engine, prompts, args.decode_tokens,
+                                            lambda e, p, n: bench_engine(e, p, n, **sample))
+    if resident_ms[b] is None:
+        return row
+    row["resident_ms_per_step"] = resident_ms[b]
+    link_ms = 1e3 * row["belady_bytes_per_token"] * b / (copy_bandwidth["h2d_pinned_GBps"] * 1e9)
+    hybrid = backend.hybrid
+    if hybrid is not None:  # the best per-layer split of the run's own misses, and of Belady's
+        row["bound_ms_per_step"] = resident_ms[b] + 1e3 * hybrid.bound_s() / steps
+        if len(hybrid.stats.visits) == len(belady):
+            at_belady = [(counts, [e for _, e in miss]) for (counts, _), miss in zip(hybrid.stats.visits, belady)]
+            row["belady_bound_ms_per_step"] = resident_ms[b] + 1e3 * hybrid.bound_s(at_belady) / steps
+    else:  # copy-only: Belady's misses over the link
+        row["bound_ms_per_step"] = resident_ms[b] + link_ms
+    row["vs_bound"] = row["expertyard"]["decode_ms_per_step"] / row["bound_ms_per_step"]
+    row["achieved_h2d_GBps"] = row["offload"]["bytes_per_token"] * row["expertyard"]["decode_tokens_per_s"] / 1e9
+    return row
 
 
 def compare_accelerate(engine: LLMEngine, plan, args, first_run: dict) -> dict:
@@ -196,17 +240,18 @@ def compare_accelerate(engine: LLMEngine, plan, args, first_run: dict) -> dict:
 
 def print_offload_table(r: dict) -> None:
     print(f"{r['model']} ({r['num_layers']} layers, {r['dtype']}) on {r['device']}, offloaded: {r['budget']}")
-    print(f"policy {r['policy']}, predictor {r['predictor']} (depth {r['prefetch_depth']})"
-          + (f", routing forced from {r['routing_trace']}" if r["routing_trace"] else ""))
-    print(f"{'batch':>5} {'tok/s':>8} {'ms/step':>8} {'bound ms':>9} {'x bound':>8} {'hit rate':>9} {'MiB/tok':>8} "
-          f"{'Belady MiB/tok':>15} {'stall ms/tok':>13} {'pred P/R':>10}")
+    print(f"policy {r['policy']}, predictor {r['predictor']} (depth {r['prefetch_depth']}); routing {r['routing']}")
+    print(f"{'config':>12} {'batch':>5} {'tok/s':>8} {'ms/step':>8} {'bound ms':>9} {'x bound':>8} {'Belady ms':>10} "
+          f"{'hit rate':>9} {'GB/tok':>7} {'CPU/tok':>8} {'Belady GB/tok':>14} {'routing p50':>12}")
     for row in r["runs"]:
         e, o = row["expertyard"], row["offload"]
         bound = f"{row['bound_ms_per_step']:9.2f} {row['vs_bound']:7.2f}x" if row.get("bound_ms_per_step") else " " * 18
-        print(f"{row['batch']:>5} {e['decode_tokens_per_s']:8.2f} {e['decode_ms_per_step']:8.2f} {bound} "
-              f"{100 * o['hit_rate']:8.1f}% {o['bytes_per_token'] / 2**20:8.1f} "
-              f"{row['belady_bytes_per_token'] / 2**20:15.1f} {o['stall_ms_per_token']:13.2f} "
-              f"{100 * o['predictor_precision']:4.0f}/{100 * o['predictor_recall']:.0f}%")
+        belady = f"{row['belady_bound_ms_per_step']:10.2f}" if "belady_bound_ms_per_step" in row else " " * 10
+        cpu = f"{o['cpu_experts_per_token']:8.2f}" if "cpu_experts_per_token" in o else f"{'-':>8}"
+        print(f"{row.get('config') or '':>12} {row['batch']:>5} {e['decode_tokens_per_s']:8.2f} "
+              f"{e['decode_ms_per_step']:8.2f} {bound} {belady} {100 * o['hit_rate']:8.1f}% "
+              f"{o['bytes_per_token'] / 1e9:7.2f} {cpu} {row['belady_bytes_per_token'] / 1e9:14.2f} "
+              f"{o['routing_wait_us_p50']:9.0f} us")
     if "accelerate" in r:
         a = r["accelerate"]
         print(f"transformers + accelerate offload (same budget, batch 1): {a['decode_tokens_per_s']:.2f} tok/s "

@@ -164,7 +164,7 @@ class OffloadedExperts(ExpertBackend):
         ids, pred_ids = self._split(flat, topk_ids.shape, preds)
         used = list(dict.fromkeys(ids))
         self._score_prediction(layer, used)
-        on_cpu = self.hybrid.assign(layer, ids, self.state, topk_ids.shape[0]) if self.hybrid is not None else []
+        on_cpu = self.hybrid.assign(layer, ids, self.state) if self.hybrid is not None else []
         copied = [e for e in used if e not in on_cpu]
         loads = self.state.access(layer, copied, self.now)
         if loads:

@@ -31,7 +31,8 @@ class HybridStats:
     admitted: int = 0  # CPU-computed experts copied in behind the layer (the link was idle)
     cpu_seconds: float = 0.0  # host time in CPU expert compute (including the result's staging)
     per_layer: dict[int, list[int]] = field(default_factory=dict)  # layer -> [on CPU, copied]
-    visits: list[tuple[int, list[int]]] = field(default_factory=list)  # per visit: (tokens, token counts of misses)
+    visits: list[tuple[dict[int, int], list[int]]] = field(default_factory=list)  # per visit: (expert -> tokens,
+    # the experts that missed)
 
 
 def best_split(cpu_costs: list[float], copy_s: float) -> tuple[int, float]:
@@ -77,12 +78,12 @@ class HybridExecutor:
         self._w[:t].copy_(topk_w, non_blocking=True)
         return self._x[:t], self._w[:t]
 
-    def assign(self, layer: int, ids: list[int], state: ExpertCacheState, tokens: int) -> list[int]:
+    def assign(self, layer: int, ids: list[int], state: ExpertCacheState) -> list[int]:
         """The missed experts of this visit that the CPU computes (the rest are copied). `ids`: the visit's
         routing, flat [T * K]."""
         counts = Counter(ids)
         missed = [e for e in counts if state.slot_of((layer, e)) is None]
-        self.stats.visits.append((tokens, [counts[e] for e in missed]))
+        self.stats.visits.append((counts, list(missed)))
         if not missed:
             return []
         if self.mode == "on":
@@ -119,12 +120,12 @@ class HybridExecutor:
         return y
 
     # ---- reporting ------------------------------------------------------------------------------------
-    def bound_s(self, visits: list[tuple[int, list[int]]] | None = None) -> float:
-        """Seconds the misses of `visits` (default: this run's) need at least: per visit, the best split between
-        the link and the CPU at the measured costs."""
+    def bound_s(self, visits: list[tuple[dict[int, int], list[int]]] | None = None) -> float:
+        """Seconds the misses of `visits` (default: this run's; (expert -> tokens, missed experts) per visit) need
+        at least: per visit, the best split between the link and the CPU at the measured costs."""
         total = 0.0
-        for _, counts in self.stats.visits if visits is None else visits:
-            costs = sorted(self.costs.cpu_s(self.precision, c) for c in counts)
+        for counts, missed in self.stats.visits if visits is None else visits:
+            costs = sorted(self.costs.cpu_s(self.precision, counts[e]) for e in missed)
             total += best_split(costs, self.copy_s)[1]
         return total
 
