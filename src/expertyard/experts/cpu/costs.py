@@ -66,7 +66,7 @@ class HybridCosts:
         """One line per figure (for --stats)."""
         full = self.expert_bytes.get("full")
         lines = [f"link ({self.link}): {self.pcie_bytes_per_s / 1e9:.1f} GB/s"
-                 + (f"; one full expert ({full / 2 ** 20:.1f} MiB) in {self.copy_s(full) * 1e3:.2f} ms" if full else "")]
+                 + (f"; one full expert ({full / 2 ** 20:.1f} MiB) in {self.copy_s(full) * 1e3:.3f} ms" if full else "")]
         for p in sorted(self.cpu_fit, key=lambda p: PRECISIONS.index(p) if p in PRECISIONS else 99):
             a, b = self.cpu_fit[p]
             size = f", {self.expert_bytes[p] / 2 ** 20:.1f} MiB read" if p in self.expert_bytes else ""

@@ -53,8 +53,8 @@ def parse_precisions(precisions) -> set[str]:
     return got
 
 
-def _gib(n: float) -> str:
-    return f"{n / 2 ** 30:.2f} GiB"
+def _size(n: float) -> str:
+    return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"
 
 
 class CpuExpertStore:
@@ -100,10 +100,10 @@ class CpuExpertStore:
         need = sum(need_by.values()) + 3 * self.inter * self.hidden * 4 * 2
         avail = available_memory_bytes()
         if avail is not None and need > avail:
-            parts = ", ".join(f"{p}: {_gib(n)}" for p, n in need_by.items())
+            parts = ", ".join(f"{p}: {_size(n)}" for p, n in need_by.items())
             raise ConfigError(
-                f"the CPU expert copies of {len(self.keys)} experts ({parts}) need {_gib(need)} of host RAM, but "
-                f"only {_gib(avail)} is available (MemAvailable in /proc/meminfo); choose fewer CPU precisions "
+                f"the CPU expert copies of {len(self.keys)} experts ({parts}) need {_size(need)} of host RAM, but "
+                f"only {_size(avail)} is available (MemAvailable in /proc/meminfo); choose fewer CPU precisions "
                 f"(full needs no copy), lower --host-memory-budget so fewer full-precision experts stay in RAM "
                 f"(the rest are read from disk), or free host memory")
 
