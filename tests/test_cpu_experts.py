@@ -136,6 +136,15 @@ def test_dequantize_then_matmul_fallback_gives_the_kernels_numbers(bits, monkeyp
     torch.testing.assert_close(fallback.forward(x), with_kernel, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantizing_leaves_the_weights_untouched(bits):
+    """The host store's float32 buffers are quantized in place-free copies (the CPU also computes from them)."""
+    w13, w2 = _expert(64, 128, torch.float32, seed=4)
+    before = (w13.clone(), w2.clone())
+    quantize_for_cpu(w13, w2, bits)
+    assert torch.equal(w13, before[0]) and torch.equal(w2, before[1])
+
+
 def test_group_size_choice_and_errors():
     assert default_group_size(4096, 14336) == 128  # Mixtral-8x7B
     assert default_group_size(2048, 1408) == 128  # DeepSeek-V2-Lite
