@@ -322,9 +322,20 @@ def test_physical_cores_counts_distinct_cores_of_the_allowed_cpus(tmp_path, monk
     (tmp_path / "cpu.max").write_text("200000 100000\n")  # a cgroup quota of 2 CPUs
     monkeypatch.setattr(threads_mod, "_CGROUP_CPU_MAX", tmp_path / "cpu.max")
     assert logical_cpus() == 2
-    monkeypatch.setattr(threads_mod, "_SYS_CPU", tmp_path / "no-sysfs")
+    monkeypatch.setattr(threads_mod, "_SYS_CPU", tmp_path / "no-sysfs")  # then /proc/cpuinfo
+    (tmp_path / "cpuinfo").write_text("".join(f"processor\t: {c}\nphysical id\t: 0\ncore id\t\t: {c // 2}\n\n"
+                                              for c in range(4)))
+    monkeypatch.setattr(threads_mod, "_CPUINFO", tmp_path / "cpuinfo")
+    monkeypatch.setattr(threads_mod, "_CGROUP_CPU_MAX", tmp_path / "absent")
+    assert physical_cores() == 2
+    monkeypatch.setattr(threads_mod.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert physical_cores() == 1  # two hyper-threads of one core
+    monkeypatch.setattr(threads_mod, "_CPUINFO", tmp_path / "absent")
     monkeypatch.setattr(threads_mod.os, "cpu_count", lambda: 8)
-    assert physical_cores() == 2  # half of 8 logical CPUs, capped by the 2 the quota allows
+    monkeypatch.setattr(threads_mod.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert physical_cores() == 4  # neither source: half the logical CPUs
+    monkeypatch.setattr(threads_mod, "_CGROUP_CPU_MAX", tmp_path / "cpu.max")
+    assert physical_cores() == 2  # capped by the 2 CPUs the quota allows
 
 
 # ---- costs --------------------------------------------------------------------------------------------------
