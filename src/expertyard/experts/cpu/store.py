@@ -53,15 +53,15 @@ def parse_precisions(precisions) -> set[str]:
     return got
 
 
-def _gib(n: float) -> str:
-    return f"{n / 2 ** 30:.2f} GiB"
+def _size(n: float) -> str:
+    return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"
 
 
 class CpuExpertStore:
     def __init__(self, host_store: HostExpertStore, keys: list[ExpertKey], precisions, group_size: int | None = None,
-                 progress: bool = True, quantize_device: torch.device | None = None):
-        """Build the low-precision CPU copies of every expert in `keys` (quantized on `quantize_device`, default
-        the CPU; a GPU does it in milliseconds an expert). ConfigError when host RAM cannot hold them."""
+                 progress: bool = True):
+        """Build the low-precision CPU copies of every expert in `keys` (Mixtral-8x7B, 16 cores: ~0.5 s an expert
+        for int4, ~0.8 s for int8 and int4). ConfigError when host RAM cannot hold them."""
         self.host = host_store
         self.keys = list(keys)
         self.precisions = parse_precisions(precisions)
@@ -80,17 +80,16 @@ class CpuExpertStore:
                         "int4": int4_nbytes(self.hidden, self.inter, self.group_size, self.dtype)}
         self._files: dict[Path, object] = {}
         self._disk_lock = threading.Lock()
-        self._build(progress, quantize_device or torch.device("cpu"))
+        self._build(progress)
 
     # ---- building -----------------------------------------------------------------------------------------
-    def _build(self, progress: bool, device: torch.device) -> None:
+    def _build(self, progress: bool) -> None:
         low = sorted(self._low, key=lambda p: PRECISIONS.index(p))
         if not low or not self.keys:
             return
         self._check_ram({p: self._nbytes[p] for p in low})
         for key in tqdm(self.keys, desc=f"CPU expert copies ({', '.join(low)})", unit="expert", disable=not progress):
             w13, w2 = self._weights(key)
-            w13, w2 = w13.to(device), w2.to(device)
             for p in low:
                 self._low[p][key] = quantize_for_cpu(w13, w2, _BITS[p], self.group_size, self.dtype)
 
@@ -100,10 +99,10 @@ class CpuExpertStore:
         need = sum(need_by.values()) + 3 * self.inter * self.hidden * 4 * 2
         avail = available_memory_bytes()
         if avail is not None and need > avail:
-            parts = ", ".join(f"{p}: {_gib(n)}" for p, n in need_by.items())
+            parts = ", ".join(f"{p}: {_size(n)}" for p, n in need_by.items())
             raise ConfigError(
-                f"the CPU expert copies of {len(self.keys)} experts ({parts}) need {_gib(need)} of host RAM, but "
-                f"only {_gib(avail)} is available (MemAvailable in /proc/meminfo); choose fewer CPU precisions "
+                f"the CPU expert copies of {len(self.keys)} experts ({parts}) need {_size(need)} of host RAM, but "
+                f"only {_size(avail)} is available (MemAvailable in /proc/meminfo); choose fewer CPU precisions "
                 f"(full needs no copy), lower --host-memory-budget so fewer full-precision experts stay in RAM "
                 f"(the rest are read from disk), or free host memory")
 

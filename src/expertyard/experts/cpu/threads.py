@@ -18,6 +18,7 @@ from expertyard.errors import ConfigError
 
 _SYS_CPU = Path("/sys/devices/system/cpu")
 _CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+_CPUINFO = Path("/proc/cpuinfo")
 
 
 def logical_cpus() -> int:
@@ -32,19 +33,12 @@ def logical_cpus() -> int:
 
 def physical_cores() -> int:
     """Physical cores this process may run on: distinct (package, core) pairs of its allowed CPUs, read from
-    /sys; without /sys, half the logical CPUs (two hyper-threads per core, the common case), at least 1."""
+    /sys or /proc/cpuinfo; without either, half the logical CPUs (two hyper-threads per core, the common case)."""
     try:
         cpus = sorted(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = []
-    cores = set()
-    for cpu in cpus:
-        topo = _SYS_CPU / f"cpu{cpu}" / "topology"
-        try:
-            cores.add(((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip()))
-        except OSError:
-            cores = set()
-            break
+    cores = _sys_cores(cpus) or _cpuinfo_cores(cpus)
     n = len(cores) if cores else max(1, (os.cpu_count() or 1) // 2)
     return max(1, min(n, logical_cpus()))
 
@@ -60,6 +54,35 @@ def set_cpu_threads(n: int | None) -> int:
                           f"for the default (the physical cores)")
     torch.set_num_threads(n)
     return n
+
+
+def _sys_cores(cpus: list[int]) -> set[tuple[str, str]]:
+    """(package, core) of each CPU from /sys topology (empty if any is unreadable)."""
+    cores = set()
+    for cpu in cpus:
+        topo = _SYS_CPU / f"cpu{cpu}" / "topology"
+        try:
+            cores.add(((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip()))
+        except OSError:
+            return set()
+    return cores
+
+
+def _cpuinfo_cores(cpus: list[int]) -> set[tuple[str, str]]:
+    """(physical id, core id) of each CPU from /proc/cpuinfo (empty if a CPU has no such fields)."""
+    try:
+        blocks = _CPUINFO.read_text().split("\n\n")
+    except OSError:
+        return set()
+    found = {}
+    for block in blocks:
+        fields = dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        if "processor" in fields and "core id" in fields:
+            found[int(fields["processor"])] = (fields.get("physical id", "0"), fields["core id"])
+    if not cpus or any(c not in found for c in cpus):
+        return set()
+    return {found[c] for c in cpus}
 
 
 def _cgroup_cpu_limit() -> int | None:

@@ -37,7 +37,7 @@ HAS_INT4_KERNEL = (hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
                    and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"))
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_ROWS_PER_CHUNK = 4096  # quantize this many rows at a time (bounds the float32 temporaries)
+_ROWS_PER_CHUNK = 128  # quantize this many rows at a time: the float32 temporaries stay in the CPU cache
 
 
 def _round_up(n: int, m: int) -> int:
@@ -158,8 +158,9 @@ def int8_grid(w: torch.Tensor, dtype: torch.dtype) -> Int8Matrix:
     safe = torch.where(scale > 0, scale.float(), torch.ones((), device=w.device))  # [Np]
     q = torch.zeros(np_, kp, dtype=torch.int8)  # [Np, Kp]
     for r in range(0, n, _ROWS_PER_CHUNK):
-        rows = w[r:r + _ROWS_PER_CHUNK].float()  # [R, K]
-        q[r:r + rows.shape[0], :k] = torch.round(rows / safe[r:r + rows.shape[0], None]).clamp_(-127, 127).cpu()
+        rows = w[r:r + _ROWS_PER_CHUNK].to(torch.float32, copy=True)  # [R, K], a copy: modified in place
+        rows.div_(safe[r:r + rows.shape[0], None]).round_().clamp_(-127, 127)
+        q[r:r + rows.shape[0], :k] = rows.cpu()
     return Int8Matrix(q, scale.cpu(), (n, k))
 
 
@@ -217,15 +218,15 @@ def int4_grid(w: torch.Tensor, group_size: int, dtype: torch.dtype) -> Int4Grid:
     scale = torch.zeros(np_, kp // g, dtype=dtype)  # [Np, Kp/G]
     zero = torch.zeros(np_, kp // g, dtype=dtype)
     for r in range(0, n, _ROWS_PER_CHUNK):
-        rows = w[r:r + _ROWS_PER_CHUNK].float()  # [R, K]
+        rows = w[r:r + _ROWS_PER_CHUNK].to(torch.float32, copy=True)  # [R, K], a copy: modified in place
         rows = F.pad(rows, (0, kp - k)).view(rows.shape[0], kp // g, g)  # [R, Kp/G, G]
-        lo, hi = rows.amin(dim=2), rows.amax(dim=2)  # [R, Kp/G]
+        lo, hi = torch.aminmax(rows, dim=2)  # [R, Kp/G]
         s = ((hi - lo) / 15 * (1 + 2 ** -7)).to(dtype)  # rounded in dtype, never below (hi - lo) / 15
         z = (lo + 8 * s.float()).to(dtype)
         safe = torch.where(s > 0, s.float(), torch.ones((), device=w.device))
-        q = torch.round((rows - z.float().unsqueeze(2)) / safe.unsqueeze(2)).add_(8).clamp_(0, 15)  # [R, Kp/G, G]
+        rows.sub_(z.float().unsqueeze(2)).div_(safe.unsqueeze(2)).round_().add_(8).clamp_(0, 15)  # codes
         rr = slice(r, r + rows.shape[0])
-        codes[rr] = q.view(rows.shape[0], kp).to(torch.int32).cpu()
+        codes[rr] = rows.view(rows.shape[0], kp).cpu()
         scale[rr], zero[rr] = s.cpu(), z.cpu()
     return Int4Grid(codes, scale, zero, g, (n, k))
 
