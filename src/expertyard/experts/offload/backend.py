@@ -293,8 +293,8 @@ class OffloadedExperts(ExpertBackend):
             self.transfer.copy(pool, [pl.load for pl in loads if pl.pool == name])
 
     def _prefetch(self, keys: list[tuple[int, int]]) -> None:
-        if not keys or (self.hybrid is not None and not self.transfer.link_idle()):
-            return  # with the CPU as a second pipe, predictions only use a link that would otherwise idle
+        if not keys or not self.transfer.link_idle():
+            return  # predictions only use a link that would otherwise idle (never delay a demand copy)
         if self.mixed is not None:  # HOBBIT: low-precision copies, nearest layer first, deeper while cached
             by_layer: dict[int, list[int]] = {}
             for layer, e in keys:

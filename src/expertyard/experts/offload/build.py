@@ -84,8 +84,7 @@ def build_hybrid(host: HostLoadedExperts, cfg: OffloadConfig) -> HybridExecutor:
     if cfg.cpu_threads is not None:
         set_cpu_threads(cfg.cpu_threads)
     precisions = {"full", cfg.cpu_precision}
-    quantize_on = host.device if host.device.type == "cuda" else None
-    store = CpuExpertStore(host.store, host.keys, precisions, progress=cfg.progress, quantize_device=quantize_on)
+    store = CpuExpertStore(host.store, host.keys, precisions, progress=cfg.progress)
     costs = measure_costs(store, host.device, [cfg.cpu_precision])
     return HybridExecutor(CpuExpertCompute(store), costs, cfg.cpu_compute, cfg.cpu_precision, host.device,
                           host.dtype)

@@ -86,12 +86,14 @@ class HybridExecutor:
         self.stats.visits.append((counts, list(missed)))
         if not missed:
             return []
+        store = self.compute_engine.store
+        candidates = [e for e in missed if store.in_memory((layer, e), self.precision)]  # not from disk files
         if self.mode == "on":
-            on_cpu = missed
+            on_cpu = candidates
         else:
-            missed.sort(key=lambda e: counts[e])
-            n, _ = best_split([self.costs.cpu_s(self.precision, counts[e]) for e in missed], self.copy_s)
-            on_cpu = missed[:n]
+            candidates.sort(key=lambda e: counts[e])
+            n, _ = best_split([self.costs.cpu_s(self.precision, counts[e]) for e in candidates], self.copy_s)
+            on_cpu = candidates[:n]
         split = self.stats.per_layer.setdefault(layer, [0, 0])
         split[0] += len(on_cpu)
         split[1] += len(missed) - len(on_cpu)

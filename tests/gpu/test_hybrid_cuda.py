@@ -1,0 +1,64 @@
+"""Hybrid CPU-GPU offloading on CUDA: misses computed on the host CPU beside copies over the link give the same
+tokens as resident experts (float32), within tolerance in bfloat16, eagerly and in piecewise CUDA graphs; the
+routing read-back is timed; start-up measures the cost model on this machine."""
+
+import pytest
+import torch
+
+from expertyard.engine.sampling_params import SamplingParams
+from expertyard.experts.cpu import CpuExpertStore, measure_costs
+from expertyard.loader import load_model
+
+from conftest import ARCH_CASES
+from test_hybrid_offload import hybrid_engine
+from test_offload import _prompts, resident_tokens_and_logprobs
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("arch", ARCH_CASES)
+@pytest.mark.parametrize("mode,graphs", [("on", False), ("auto", False), ("auto", True), ("on", True)])
+def test_cuda_hybrid_equals_resident(arch, mode, graphs, tiny_checkpoint):
+    path, _ = tiny_checkpoint(arch)
+    ref_tokens, ref_logp = resident_tokens_and_logprobs(path, "cuda", torch.float32)
+    top_k = load_model(path, "cpu", torch.float32, progress=False).config.moe.top_k
+    engine = hybrid_engine(path, "cuda", torch.float32, slots=3 * top_k + 1, mode=mode, graphs=graphs)
+    seqs = engine.generate(_prompts(), SamplingParams(temperature=0, max_tokens=12, logprobs=1))
+    assert [s.output_token_ids for s in seqs] == ref_tokens
+    torch.testing.assert_close(torch.tensor([[x["logprob"] for x in s.logprobs] for s in seqs]),
+                               torch.tensor(ref_logp), atol=2e-3, rtol=2e-3)
+    r = engine.model.experts.report(tokens=36)
+    assert r["cpu_experts_per_token"] > 0 and r["routing_wait_us_p50"] > 0
+    if mode == "auto":
+        assert r["copied_misses_per_token"] > 0
+
+
+@pytest.mark.parametrize("precision", ["full", "int4"])
+def test_cuda_hybrid_bfloat16_within_tolerance(precision, tiny_checkpoint):
+    """bf16 (and int4 CPU copies): logprobs of the tokens up to the first disagreement within 0.05 (bf16) / 0.5
+    (int4) of resident bf16, and most greedy tokens agree."""
+    path, _ = tiny_checkpoint("mixtral")
+    tokens, logp = resident_tokens_and_logprobs(path, "cuda", torch.bfloat16)
+    engine = hybrid_engine(path, "cuda", torch.bfloat16, slots=5, mode="on", precision=precision)
+    seqs = engine.generate(_prompts(), SamplingParams(temperature=0, max_tokens=12, logprobs=1))
+    tol = 0.05 if precision == "full" else 0.5
+    agree = 0
+    for seq, ref, ref_logp in zip(seqs, tokens, logp):
+        got = seq.output_token_ids
+        first_diff = next((j for j, (a, b) in enumerate(zip(got, ref)) if a != b), len(ref))
+        agree += first_diff
+        n = min(first_diff + 1, len(ref))
+        torch.testing.assert_close(torch.tensor([x["logprob"] for x in seq.logprobs[:n]]),
+                                   torch.tensor(ref_logp[:n]), atol=tol, rtol=tol)
+    assert agree >= (len(tokens) * 12) // 2
+
+
+def test_cost_model_is_measured_on_this_machine(tiny_checkpoint):
+    from expertyard.experts.offload.host_loader import HostLoadedExperts
+
+    path, _ = tiny_checkpoint("mixtral")
+    loaded = load_model(path, "cuda", torch.bfloat16, progress=False, backend_factory=HostLoadedExperts.factory())
+    host = loaded.model.experts
+    costs = measure_costs(CpuExpertStore(host.store, host.keys, {"full", "int4"}, progress=False), host.device)
+    assert costs.pcie_bytes_per_s > 1e9 and costs.link == "pinned host->device"
+    assert 0 < costs.cpu_s("full", 1) <= costs.cpu_s("full", 64)
