@@ -83,7 +83,6 @@ def format_stats(s: dict) -> str:
     if "cpu_compute" in s:
         split = " ".join(f"L{layer}:{v['cpu']}/{v['copied']}" for layer, v in s["split_per_layer"].items())
         lines.append(f"[misses on the CPU ({s['cpu_precision']}): {s['cpu_experts_per_token']:.2f}/token, "
-                     f"{s['cpu_ms_per_token']:.2f} ms/token; copied: {s['copied_misses_per_token']:.2f}/token; "
-                     f"admitted behind the layer: {s['admitted_per_token']:.2f}/token; split per layer "
+                     f"{s['cpu_ms_per_token']:.2f} ms/token; copied: {s['copied_misses_per_token']:.2f}/token; split per layer "
                      f"(CPU/copied): {split or 'no misses'}]")
     return "\n".join(lines)

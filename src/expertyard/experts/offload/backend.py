@@ -179,23 +179,9 @@ class OffloadedExperts(ExpertBackend):
         self.state.end_visit(layer, copied)  # first, so that a prediction may replace what this layer just used
         if on_cpu:
             y = y + self.hybrid.compute(layer, staged, ids, on_cpu, topk_ids.shape)
-            self._admit(layer, on_cpu)
+            self.state.counters.misses += len(on_cpu)  # computed where they are: not admitted to the cache
         self._prefetch(pred_ids)
         return y
-
-    def _admit(self, layer: int, on_cpu: list[int]) -> None:
-        """CPU-computed experts missed the cache: while the link idles, copy one of them in behind the layer (its
-        next visit waits for the copy), so that the cache keeps learning; count the others' misses."""
-        admit = on_cpu[:1] if self.hybrid.mode == "auto" and self.transfer.link_idle() else []
-        self.state.counters.misses += len(on_cpu) - len(admit)
-        if not admit:
-            return
-        loads = self.state.access(layer, admit, self.now)  # counted as the miss it is
-        self.state.end_visit(layer, admit)
-        self.transfer.copy(self.high, loads)
-        self.hybrid.stats.admitted += len(loads)
-        if self.cuda:
-            self.pending.setdefault(layer, []).extend(self.high.ready_events(loads))
 
     def _forward_loaded_first(self, layer, x, topk_ids, topk_w, preds):
         """Learn the routing, then load and compute in groups of experts that fit the cache."""

@@ -6,8 +6,9 @@ The split minimises the layer's finish time under the measured cost model (`expe
 one after another on the link (k copies take k x copy time), the CPU computes its share meanwhile (the sum of its
 experts' times, each a function of the expert's token count and the CPU precision), so the layer ends at
 max(link, CPU). Prefill chunks and large batches go to the link (CPU time grows with tokens, a copy does not);
-batch-1 decode splits. Experts computed on the CPU are not admitted to the cache on the spot; while the link
-would otherwise idle, one of them is copied in behind the layer so that the cache keeps learning.
+batch-1 decode splits. Experts computed on the CPU are not admitted to the cache: copying them in behind the
+layer was measured to delay the next layers' demand copies more than their later hits repay (DeepSeek-V2-Lite
+and Mixtral-8x7B on one H200, docs/offloading.md); the cache changes by the copies the split decides.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from expertyard.experts.cpu import CpuExpertCompute, HybridCosts
 class HybridStats:
     cpu_experts: int = 0  # expert visits computed on the host CPU
     copied_experts: int = 0  # missed expert visits copied to the device
-    admitted: int = 0  # CPU-computed experts copied in behind the layer (the link was idle)
     cpu_seconds: float = 0.0  # host time in CPU expert compute (including the result's staging)
     per_layer: dict[int, list[int]] = field(default_factory=dict)  # layer -> [on CPU, copied]
     visits: list[tuple[dict[int, int], list[int]]] = field(default_factory=list)  # per visit: (expert -> tokens,
@@ -135,7 +135,7 @@ class HybridExecutor:
         s, tokens = self.stats, max(tokens, 1)
         return {"cpu_compute": self.mode, "cpu_precision": self.precision,
                 "cpu_experts_per_token": s.cpu_experts / tokens, "copied_misses_per_token": s.copied_experts / tokens,
-                "admitted_per_token": s.admitted / tokens, "cpu_ms_per_token": 1e3 * s.cpu_seconds / tokens,
+"cpu_ms_per_token": 1e3 * s.cpu_seconds / tokens,
                 "miss_bound_ms_per_token": 1e3 * self.bound_s() / tokens,
                 "split_per_layer": {str(l): {"cpu": c, "copied": g} for l, (c, g) in sorted(s.per_layer.items())},
                 "costs": self.costs.to_dict()}
