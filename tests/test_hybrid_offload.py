@@ -52,7 +52,7 @@ def hybrid_engine(path, device, dtype, slots, mode="auto", precision="full", cpu
     host = loaded.model.experts
     store = CpuExpertStore(host.store, host.keys, {"full", precision}, progress=False)
     hybrid = HybridExecutor(CpuExpertCompute(store), _costs(cpu_ms, copy_ms, host.store.expert_bytes), mode,
-                            precision, host.device, dtype)
+                            precision, host.device, dtype, learn=False)
     backend = full_precision_backend(loaded.model, slots, make_policy("lru"), NextGatePredictor(loaded.model, depth),
                                      hybrid=hybrid)
     loaded.model.set_expert_backend(backend)
@@ -108,6 +108,24 @@ def test_cpu_share_of_a_visit_against_a_float64_reference(tiny_checkpoint):
                 gate, up = (w13 @ x[i].double()).chunk(2)
                 ref[i] += float(w[i, j]) * (w2 @ (torch.nn.functional.silu(gate) * up))
     torch.testing.assert_close(y.double(), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_measured_cpu_time_corrects_the_split(tiny_checkpoint):
+    """A CPU that turns out slower than its start-up figure loses its share: after visits measured at 10x the
+    model, a two-miss visit goes wholly to the link."""
+    path, _ = tiny_checkpoint("mixtral")
+    loaded = load_model(path, "cpu", torch.float32, progress=False, backend_factory=HostLoadedExperts.factory())
+    host = loaded.model.experts
+    store = CpuExpertStore(host.store, host.keys, {"full"}, progress=False)
+    hybrid = HybridExecutor(CpuExpertCompute(store), _costs(1.0, 1.0, host.store.expert_bytes), "auto", "full",
+                            torch.device("cpu"), torch.float32)
+    from expertyard.experts.cache_state import ExpertCacheState
+
+    state = ExpertCacheState(4, make_policy("lru"))
+    assert len(hybrid.assign(0, [1, 2], state)) == 1  # equal costs: one on each pipe
+    hybrid._learn(predicted=0.001, measured=0.010)
+    assert hybrid.cpu_scale == pytest.approx(10.0)
+    assert hybrid.assign(0, [1, 2], state) == []
 
 
 def test_a_prefill_sized_visit_goes_to_the_link():

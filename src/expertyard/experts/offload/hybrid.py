@@ -30,6 +30,7 @@ class HybridStats:
     cpu_experts: int = 0  # expert visits computed on the host CPU
     copied_experts: int = 0  # missed expert visits copied to the device
     cpu_seconds: float = 0.0  # host time in CPU expert compute (including the result's staging)
+    cpu_predicted: float = 0.0  # what the cost model predicted for the same work
     per_layer: dict[int, list[int]] = field(default_factory=dict)  # layer -> [on CPU, copied]
     visits: list[tuple[dict[int, int], list[int]]] = field(default_factory=list)  # per visit: (expert -> tokens,
     # the experts that missed)
@@ -50,13 +51,16 @@ def best_split(cpu_costs: list[float], copy_s: float) -> tuple[int, float]:
 
 class HybridExecutor:
     def __init__(self, compute: CpuExpertCompute, costs: HybridCosts, mode: str, precision: str,
-                 device: torch.device, dtype: torch.dtype):
+                 device: torch.device, dtype: torch.dtype, learn: bool = True):
         self.compute_engine, self.costs = compute, costs
         self.mode, self.precision = mode, precision  # mode "auto": cost model; "on": every miss on the CPU
         self.device, self.dtype = device, dtype
         self.cuda = device.type == "cuda"
         self.copy_s = costs.copy_s(costs.expert_bytes["full"])
         self._x = self._w = self._y = None  # pinned staging buffers (CUDA), grown on demand
+        self.learn = learn  # correct the CPU figures by measured visits (off: the split follows `costs` alone)
+        self.cpu_scale = 1.0  # measured / predicted CPU time of the visits so far (contention, per-call overhead)
+        self._seen = [0.0, 0.0]  # predicted, measured seconds since start-up
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -92,7 +96,8 @@ class HybridExecutor:
             on_cpu = candidates
         else:
             candidates.sort(key=lambda e: counts[e])
-            n, _ = best_split([self.costs.cpu_s(self.precision, counts[e]) for e in candidates], self.copy_s)
+            n, _ = best_split([self.cpu_scale * self.costs.cpu_s(self.precision, counts[e]) for e in candidates],
+                              self.copy_s)
             on_cpu = candidates[:n]
         split = self.stats.per_layer.setdefault(layer, [0, 0])
         split[0] += len(on_cpu)
@@ -118,8 +123,18 @@ class HybridExecutor:
             y = out.to(self.device, non_blocking=True)
         else:
             y = y.to(self.dtype)
-        self.stats.cpu_seconds += time.perf_counter() - t0
+        self._learn(sum(self.costs.cpu_s(self.precision, len(item[2])) for item in items), time.perf_counter() - t0)
         return y
+
+    def _learn(self, predicted: float, measured: float) -> None:
+        """Correct the start-up figures by what CPU visits really take here (host memory shared with the link's
+        copies, the per-call overhead of a small expert)."""
+        self.stats.cpu_seconds += measured
+        self.stats.cpu_predicted += predicted
+        self._seen[0] += predicted
+        self._seen[1] += measured
+        if self.learn and self._seen[0] > 0:
+            self.cpu_scale = self._seen[1] / self._seen[0]
 
     # ---- reporting ------------------------------------------------------------------------------------
     def bound_s(self, visits: list[tuple[dict[int, int], list[int]]] | None = None) -> float:
@@ -137,5 +152,6 @@ class HybridExecutor:
                 "cpu_experts_per_token": s.cpu_experts / tokens, "copied_misses_per_token": s.copied_experts / tokens,
 "cpu_ms_per_token": 1e3 * s.cpu_seconds / tokens,
                 "miss_bound_ms_per_token": 1e3 * self.bound_s() / tokens,
+                "cpu_measured_vs_model": s.cpu_seconds / s.cpu_predicted if s.cpu_predicted else 0.0,
                 "split_per_layer": {str(l): {"cpu": c, "copied": g} for l, (c, g) in sorted(s.per_layer.items())},
                 "costs": self.costs.to_dict()}
