@@ -5,23 +5,18 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from importlib import resources
 from pathlib import Path
 
 import torch
 
+from expertyard.device import DTYPES
+from expertyard.device import resolve_device as device_and_dtype
 from expertyard.engine.collector import freeze_long_lived
 from expertyard.engine.llm_engine import EngineConfig, LLMEngine
 from expertyard.errors import ConfigError
 from expertyard.experts.resident import ResidentExperts
+from expertyard.loader.bundled import bundled_model_path, load_tokenizer
 from expertyard.loader.load import LoadedModel, load_model
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def bundled_model_path() -> Path:
-    """The small MoE trained by the project and shipped inside the package."""
-    return Path(str(resources.files("expertyard") / "assets" / "tiny-moe"))
 
 
 def add_model_args(p: argparse.ArgumentParser, synthetic: bool = False) -> None:
@@ -87,11 +82,7 @@ def add_offload_args(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_device(args) -> tuple[torch.device, torch.dtype]:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    return device, dtype
+    return device_and_dtype(args.device, args.dtype)
 
 
 def load_from_args(args, device: torch.device, dtype: torch.dtype) -> tuple[LoadedModel, object]:
@@ -129,15 +120,6 @@ def _read_trace_experts(path: Path):
         if "experts" not in f:
             raise ConfigError(f"{path}: not a routing trace (no 'experts' array)")
         return f["experts"]
-
-
-def load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: no usable tokenizer files ({e})") from e
 
 
 def async_scheduling(args, sweep: bool = False) -> list[bool]:
