@@ -288,7 +288,7 @@ def run_calibrate(args) -> int:
     import torch
 
     from expertyard.entrypoints.common import DTYPES, resolve_device
-    from expertyard.plan.calibrate import calibrate
+    from expertyard.bench.plan_calibrate import calibrate
     from expertyard.plan.model_specs import model_config_for, model_label
     from expertyard.plan.profiles import BUILTIN, load_profile
 

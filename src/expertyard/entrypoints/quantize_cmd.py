@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from expertyard.entrypoints.common import bundled_model_path
-    from expertyard.quant.offline import parse_bits, quantize_model
+    from expertyard.loader.quantize import parse_bits, quantize_model
 
     bits = parse_bits(args.bits)
     model = args.model or bundled_model_path()

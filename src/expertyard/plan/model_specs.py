@@ -58,7 +58,7 @@ def hf_config_for(synthetic: str | None, model: Path | None, num_layers: int | N
         if synthetic not in PAPER_MODELS:
             raise ConfigError(f"unknown --synthetic model {synthetic!r}; choose one of {', '.join(plan_model_names())}")
         return shortened(PAPER_MODELS[synthetic](), num_layers, synthetic)
-    from expertyard.entrypoints.common import bundled_model_path
+    from expertyard.loader.bundled import bundled_model_path
     from expertyard.loader.checkpoint import read_hf_config
 
     path = Path(model) if model else bundled_model_path()

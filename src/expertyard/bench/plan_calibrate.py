@@ -4,9 +4,9 @@
                           against a KV cache of S tokens each, at two cache lengths (S and S/4)
   T_e(p)  = k3 * p + k4   `kernels.fused_moe.fused_moe` over p (token, expert) rows spread evenly over E experts,
                           at two expert counts (E and E/2)
-  T_c(n)  = c1 * n + c0   NCCL send/recv of n bytes between two GPUs (comm_bench.py), when two are visible
+  T_c(n)  = c1 * n + c0   NCCL send/recv of n bytes between two GPUs (plan_comm.py), when two are visible
   T_step(B) = s1 * B + s0 the driver's host work per decode iteration: 2 TPOT(L1) - TPOT(L2) - T_h of two null
-                          deployments of the real runtime (step_bench.py), when two GPUs are visible or asked on CPU
+                          deployments of the real runtime (plan_step.py), when two GPUs are visible or asked on CPU
   T_x(b)  = x1 * b + x0   the rest of one MoE layer in those deployments: TPOT(L2) - TPOT(L1) - (T_a + T_e + 2 T_c)
                           of the fits above at the same b (router, packing, unpacking, combining, launch gaps)
 
@@ -30,26 +30,20 @@ import time
 from dataclasses import replace
 from typing import Callable
 
-import numpy as np
 import torch
 
+from expertyard.bench.plan_comm import measure_send_recv
+from expertyard.bench.plan_step import measure_null_tpots
 from expertyard.config import ModelConfig
+from expertyard.plan.fit import exchange_residuals, fit_line, fit_step, solve_step
 from expertyard.plan.model_costs import model_costs
-from expertyard.plan.perf_model import Line
+from expertyard.plan.perf_model import PerfModel, Workload
 from expertyard.plan.profiles import HardwareProfile
 
 GPU_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 GPU_PAIRS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 CPU_BATCHES = (4, 8, 16, 32, 64)  # CPU: large enough that the per-row work shows above call overheads
 CPU_PAIRS = (64, 128, 256, 512, 1024)
-
-
-def fit_line(xs, ys) -> Line:
-    """Least-squares t = slope * x + intercept in float64."""
-    x = np.asarray(xs, dtype=np.float64)
-    a = np.stack([x, np.ones_like(x)], axis=1)
-    (slope, intercept), *_ = np.linalg.lstsq(a, np.asarray(ys, dtype=np.float64), rcond=None)
-    return Line(float(slope), float(intercept))
 
 
 def time_calls(fns: list[Callable[[], object]], device: torch.device, repeats: int, graphs: bool) -> list[float]:
@@ -259,7 +253,7 @@ STEP_KEY = "step_overhead_us, step_overhead_per_seq_us"
 
 def _null_deployments(cfg: ModelConfig, label: str, device: torch.device, dtype: torch.dtype, step: bool | None,
                       batches) -> tuple[dict | None, str]:
-    """The two null deployments' TPOTs (step_bench.measure_null_tpots), or None and why they were not run."""
+    """The two null deployments' TPOTs (plan_step.measure_null_tpots), or None and why they were not run."""
     on_gpu = device.type == "cuda"
     if step is False:
         return None, "--no-step-term"
@@ -268,8 +262,6 @@ def _null_deployments(cfg: ModelConfig, label: str, device: torch.device, dtype:
     if on_gpu and torch.cuda.device_count() < 2:
         return None, (f"the null deployments need 2 GPUs (1 attention + 1 expert rank), "
                       f"{torch.cuda.device_count()} visible")
-    from expertyard.plan.step_bench import measure_null_tpots
-
     null = measure_null_tpots(cfg.hf_config, device.type, dtype, batches, name=label)
     where = (f"2 x {torch.cuda.get_device_name(0)} (cuda:0, cuda:1)" if on_gpu else
              f"CPU ({platform.processor() or platform.machine()}), 2 processes over gloo")
@@ -279,9 +271,6 @@ def _null_deployments(cfg: ModelConfig, label: str, device: torch.device, dtype:
 def _with_step_term(profile: HardwareProfile, costs, null: dict | None, reason: str, base_name: str) -> HardwareProfile:
     """`profile` with T_step(B) solved from the null deployments minus the LM head `profile` predicts (at
     tp_a = 1, m = 1, as they ran), fitted, and recorded under `fits` and `sources`."""
-    from expertyard.plan.perf_model import PerfModel
-    from expertyard.plan.step_bench import fit_step, solve_step
-
     sources = dict(profile.sources)
     if null is None:
         sources[STEP_KEY] = (f"base profile {base_name} ({profile.step_overhead_us:g} us + "
@@ -314,9 +303,6 @@ EXCHANGE_KEY = "exchange_overhead_us, exchange_overhead_per_token_us"
 def with_exchange_term(profile: HardwareProfile, costs, null: dict, layers) -> HardwareProfile:
     """`profile` with T_x(b): what one MoE layer of the null deployments took (T_layer = TPOT(L2) - TPOT(L1))
     beyond the kernel fits' T_a + T_e + 2 T_c at the same batch and cache length, fitted over b."""
-    from expertyard.plan.perf_model import PerfModel, Workload
-    from expertyard.plan.step_bench import exchange_residuals, fit_step
-
     sources = dict(profile.sources)
     if null["note"]:  # the layer the second deployment adds is dense: no exchange in T_layer
         sources[EXCHANGE_KEY] = f"not measured: {null['note']}"
@@ -335,8 +321,6 @@ def with_exchange_term(profile: HardwareProfile, costs, null: dict, layers) -> H
 
 
 def _comm_points():
-    from expertyard.plan.comm_bench import measure_send_recv
-
     return measure_send_recv()
 
 

@@ -1,4 +1,5 @@
-"""T_step, the driver's host work per decode iteration, measured with null deployments (`plan calibrate`).
+"""T_step, the driver's host work per decode iteration, measured with null deployments (`plan calibrate`; the
+arithmetic that solves and fits it is plan/fit.py).
 
 Every decode iteration of the disaggregated runtime has a serial part that no per-layer term of the paper's
 model prices: rank 0 schedules, plans the step, broadcasts the step header over gloo, gathers the hidden states,
@@ -30,14 +31,15 @@ from __future__ import annotations
 import copy
 import functools
 import os
-from collections.abc import Callable
 
-import numpy as np
 import torch
 
+from expertyard.disagg.config import DisaggConfig
+from expertyard.disagg.jobs import PREFILL_TOKENS_PER_STEP, bench_job
+from expertyard.disagg.launch import launch_local
+from expertyard.disagg.worker import ModelSource
+from expertyard.engine.llm_engine import EngineConfig
 from expertyard.errors import ConfigError
-from expertyard.plan.calibrate import fit_line
-from expertyard.plan.perf_model import Line
 
 GPU_BATCHES = (16, 256, 1024)  # sequences per decode step: from latency-bound to the batches plans choose
 CPU_BATCHES = (2, 8)  # CPU (tests): small, a launch of two ranks takes ~10 s already
@@ -90,22 +92,17 @@ def null_tpots(hf_config, num_layers: int, device_type: str, dtype: torch.dtype,
                decode_tokens: int, name: str = "model", dist_timeout: float = DIST_TIMEOUT_S) -> dict[int, float]:
     """{B: seconds per decode iteration} of the model cut to `num_layers` layers on the real runtime (1 attention
     + 1 expert rank, m = 1, random weights), one launch for all batch sizes."""
-    from expertyard.disagg.cli import PREFILL_TOKENS_PER_STEP, bench_job
-    from expertyard.disagg.config import DisaggConfig
-    from expertyard.disagg.launch import launch_local
-    from expertyard.disagg.worker import EngineSettings, ModelSource
-
     batches = sorted(set(batches))
     _check(batches, prompt_len, decode_tokens)
     b_max = batches[-1]
-    settings = EngineSettings(max_num_seqs=b_max, max_model_len=prompt_len + decode_tokens + 1,
-                              max_num_batched_tokens=min(b_max * prompt_len, PREFILL_TOKENS_PER_STEP))
+    config = EngineConfig(max_num_seqs=b_max, max_model_len=prompt_len + decode_tokens + 1,
+                          max_num_batched_tokens=min(b_max * prompt_len, PREFILL_TOKENS_PER_STEP))
     job = functools.partial(bench_job, batch_sizes=batches, prompt_len=prompt_len, decode_tokens=decode_tokens,
                             ms=[1], seed=0)
     source = ModelSource(hf_config=cut(hf_config, num_layers), name=f"{name}, cut to {num_layers} layer(s)")
     cfg = DisaggConfig(attention_ranks=1, expert_ranks=1, micro_batches=1, dist_timeout=dist_timeout)
     threads = max(1, (os.cpu_count() or 1) // cfg.world_size) if device_type == "cpu" else None
-    runs = launch_local(cfg, source, settings, device_type, dtype, job, threads)
+    runs = launch_local(cfg, source, config, device_type, dtype, job, threads)
     return {b: runs[b][0]["tpot_ms"] / 1e3 for b in batches}  # the one row: m = 1, async scheduling off
 
 
@@ -122,49 +119,3 @@ def measure_null_tpots(hf_config, device_type: str, dtype: torch.dtype, batches=
     t1, t2 = (null_tpots(hf_config, n, device_type, dtype, batches, prompt_len, decode_tokens, name) for n in (l1, l2))
     return {"layers": [l1, l2], "tpots": [[b, t1[b], t2[b]] for b in sorted(t1)], "note": note,
             "prompt_len": prompt_len, "decode_tokens": decode_tokens}
-
-
-def solve_step(tpots, head: Callable | None = None) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-    """From [[B, TPOT(L1), TPOT(L2)], ...] (seconds): ([(B, T_step)], [(B, T_layer)]), T_layer = TPOT(L2) -
-    TPOT(L1), T_step = TPOT(L1) - T_layer - head(B). `head`: the model's LM-head time of B sequences (T_h at
-    m = 1), which the performance model adds on its own. Noise can make values negative: they are kept, the
-    fit clamps."""
-    steps, layers = [], []
-    for b, t1, t2 in tpots:
-        layer = t2 - t1
-        steps.append((int(b), t1 - layer - (float(head(b)) if head is not None else 0.0)))
-        layers.append((int(b), layer))
-    return steps, layers
-
-
-def fit_step(points) -> tuple[Line, list[str]]:
-    """T_step(B) = slope * B + intercept (seconds) by least squares, with each part kept >= 0 (a profile's
-    overheads are; noise, or an LM-head estimate above the real one, can push a fitted part below): a negative
-    intercept is refitted as 0 with the slope through the origin, a negative slope as 0 with the mean as the
-    intercept; one batch size gives the fixed part only. Returns the line and a note for each of these."""
-    xs, ys = (np.asarray(v, dtype=np.float64) for v in zip(*points))
-    notes = []
-    if len(set(xs.tolist())) < 2:
-        notes.append("one batch size: the fixed part only")
-        line = Line(0.0, float(ys.mean()))
-    else:
-        line = fit_line(xs, ys)
-    if line.intercept < 0:
-        notes.append(f"fitted fixed part {line.intercept * 1e6:.1f} us < 0: set to 0, slope refitted through 0")
-        line = Line(float(xs @ ys / (xs @ xs)), 0.0)
-    if line.slope < 0:
-        notes.append(f"fitted per-sequence part {line.slope * 1e6:.3f} us < 0: set to 0, fixed part = the mean")
-        line = Line(0.0, max(0.0, float(ys.mean())))
-    return line, notes
-
-
-def exchange_residuals(model, layers) -> list[tuple[int, float]]:
-    """[(b, T_layer(b) - modelled)]: one MoE layer of the null deployments (1 + 1 ranks, m = 1, b sequences)
-    beyond what `model` (a PerfModel without T_x, at the null runs' cache length) prices for it, T_a + T_e +
-    2 T_c of that layer. What is left is the runtime's own work around the exchange; may be negative (noise)."""
-    out = []
-    for b, layer in layers:
-        t_a, t_e, t_c, _ = model.times(1, 1, 1, 1, b)  # t_e, t_c: averaged over all layers by the MoE share
-        moe_layer = float(t_a) + (float(t_e) + 2 * float(t_c)) / model.moe_fraction
-        out.append((int(b), float(layer) - moe_layer))
-    return out

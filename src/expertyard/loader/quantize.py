@@ -15,6 +15,8 @@ from tqdm import tqdm
 
 from expertyard.errors import CheckpointError, ConfigError
 from expertyard.experts.backend import ExpertBackend, Projection
+from expertyard.loader.checkpoint import read_hf_config
+from expertyard.loader.load import load_model, model_config_from_hf
 from expertyard.quant.packed_expert import ExpertLayout, pack_expert
 from expertyard.quant.store import (FORMAT, VERSION, PackedExpertWriter, file_name, model_metadata, router_hash,
                                     tensor_name)
@@ -67,9 +69,6 @@ def parse_bits(text: str) -> list[int]:
 def quantize_model(model_dir: Path, bits_list: list[int], group_size: int, out_dir: Path,
                    device: torch.device | str = "cpu", progress: bool = True, clip_search: bool = False) -> dict:
     """Write out_dir/experts.int{b}.safetensors for each b; returns a summary (sizes, times, router hash)."""
-    from expertyard.loader.checkpoint import read_hf_config
-    from expertyard.loader.load import load_model, model_config_from_hf
-
     cfg = model_config_from_hf(read_hf_config(model_dir))
     d, i = cfg.hidden_size, cfg.moe.intermediate_size
     layouts = {b: ExpertLayout.build(d, i, b, group_size) for b in bits_list}  # shape errors before any work

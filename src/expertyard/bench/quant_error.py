@@ -1,6 +1,6 @@
 """Quantization error of the packed formats, on a real model's experts and real activations (docs/quantization.md).
 
-    python -m expertyard.quant.error_report [--model DIR] --text FILE [--max-tokens 2048] [--out errors.json]
+    python -m expertyard.bench.quant_error [--model DIR] --text FILE [--max-tokens 2048] [--out errors.json]
 
 For bits 8, 4, 2 and group sizes 64, 128, three ways to store a group's offset, all with a float16 scale, and one
 way to choose the range, are compared (4, 4, 3 and 4 bytes per group):
@@ -22,7 +22,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from expertyard.engine.llm_engine import LLMEngine
+from expertyard.loader.bundled import bundled_model_path, load_tokenizer
+from expertyard.loader.load import load_model
 from expertyard.quant.groupwise import dequantize, quantize
+from expertyard.trace.record import trace_text
 
 # N = rows, K = input columns, G = group size, T = tokens, D = hidden, I = expert intermediate, E = experts
 
@@ -69,11 +73,6 @@ def layer_outputs(x, ids, weights, w13, w2) -> torch.Tensor:
 
 
 def measure(model_dir: Path, text: Path, max_tokens: int) -> dict:
-    from expertyard.engine.llm_engine import LLMEngine
-    from expertyard.entrypoints.common import load_tokenizer
-    from expertyard.loader.load import load_model
-    from expertyard.trace.record import trace_text
-
     loaded = load_model(model_dir, "cpu", torch.float32, progress=False)
     engine = LLMEngine(loaded, load_tokenizer(model_dir))
     trace = trace_text(engine, text.read_text(encoding="utf-8"), model_dir.name, text.name, max_tokens,
@@ -113,8 +112,6 @@ def measure(model_dir: Path, text: Path, max_tokens: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from expertyard.entrypoints.common import bundled_model_path
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=None, help="model directory (default: the bundled model)")
     ap.add_argument("--text", type=Path, required=True, help="text whose tokens give the experts' activations")
