@@ -14,13 +14,12 @@ import torch
 from expertyard.engine.cuda_graph import DecodeGraphs
 from expertyard.engine.llm_engine import LLMEngine
 from expertyard.experts.cache_state import ExpertCacheState
+from expertyard.experts.policies.belady import BeladyPolicy
 from expertyard.experts.resident import ResidentExperts
 
 
 def belady_misses(visits: list[tuple[int, list[int]]], capacity: int, count_from: int) -> int:
     """Misses of the offline optimum over `visits[count_from:]`, the cache warmed by the visits before."""
-    from expertyard.experts.policies.belady import BeladyPolicy
-
     state = ExpertCacheState(capacity, BeladyPolicy(visits))
     misses_before = 0
     for now, (layer, experts) in enumerate(visits):

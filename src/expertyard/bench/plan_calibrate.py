@@ -35,6 +35,11 @@ import torch
 from expertyard.bench.plan_comm import measure_send_recv
 from expertyard.bench.plan_step import measure_null_tpots
 from expertyard.config import ModelConfig
+from expertyard.kernels.fused_moe import fused_moe
+from expertyard.layers.attention_metadata import AttentionMetadata
+from expertyard.layers.moe import SparseMoeBlock
+from expertyard.layers.rotary import RotaryEmbedding, rope_parameters
+from expertyard.models.base import DecoderLayer
 from expertyard.plan.fit import exchange_residuals, fit_line, fit_step, solve_step
 from expertyard.plan.model_costs import model_costs
 from expertyard.plan.perf_model import PerfModel, Workload
@@ -102,11 +107,6 @@ def attention_points(cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
                      repeats: int, graphs: bool) -> tuple[list[tuple[int, float]], int]:
     """[(b, seconds)] of one layer's attention side decoding b sequences with `context_len` cached tokens each,
     and the parameter count of the timed layer."""
-    from expertyard.layers.attention_metadata import AttentionMetadata
-    from expertyard.layers.moe import SparseMoeBlock
-    from expertyard.layers.rotary import RotaryEmbedding, rope_parameters
-    from expertyard.models.base import DecoderLayer
-
     index = cfg.moe_layers[0] if cfg.moe_layers else 0
     with torch.device("meta"):
         layer = DecoderLayer(cfg, index)
@@ -144,8 +144,6 @@ def attention_points(cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
 def expert_points(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, pairs, num_experts: int,
                   repeats: int, graphs: bool) -> list[tuple[int, float]]:
     """[(p, seconds)] of fused_moe over p rows, one (token, expert) pair each, spread evenly over the experts."""
-    from expertyard.kernels.fused_moe import fused_moe
-
     d, i = cfg.hidden_size, cfg.moe.intermediate_size
     gen = torch.Generator(device).manual_seed(0)
     w13 = (torch.randn(num_experts, 2 * i, d, device=device, generator=gen) * 0.02).to(dtype)  # [E, 2I, D]

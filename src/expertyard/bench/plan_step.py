@@ -40,6 +40,7 @@ from expertyard.disagg.launch import launch_local
 from expertyard.disagg.worker import ModelSource
 from expertyard.engine.llm_engine import EngineConfig
 from expertyard.errors import ConfigError
+from expertyard.loader.load import model_config_from_hf
 
 GPU_BATCHES = (16, 256, 1024)  # sequences per decode step: from latency-bound to the batches plans choose
 CPU_BATCHES = (2, 8)  # CPU (tests): small, a launch of two ranks takes ~10 s already
@@ -66,8 +67,6 @@ def cut(hf_config, num_layers: int):
 def null_layer_counts(hf_config) -> tuple[int, int, str | None]:
     """(L1, L2, note): the layer counts of the two null deployments, and a note when the layer that L2 adds
     is not a MoE layer (then T_layer is a dense layer's time, not a MoE layer's)."""
-    from expertyard.loader.load import model_config_from_hf
-
     moe = model_config_from_hf(hf_config).moe_layers
     if not moe:
         raise ConfigError("the model has no MoE layers: there is no disaggregated step to time")

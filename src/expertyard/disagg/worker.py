@@ -29,7 +29,9 @@ from expertyard.engine.llm_engine import EngineConfig, LLMEngine
 from expertyard.errors import ConfigError, DeploymentDownError
 from expertyard.experts.resident import ResidentExperts
 from expertyard.loader.bundled import load_tokenizer
+from expertyard.loader.checkpoint import read_hf_config
 from expertyard.loader.load import LoadedModel, build_model, load_model, model_config_from_hf
+from expertyard.synthetic import init_random_weights
 
 
 @dataclass
@@ -45,16 +47,12 @@ class ModelSource:
     def config(self) -> ModelConfig:
         if self.hf_config is not None:
             return model_config_from_hf(self.hf_config)
-        from expertyard.loader.checkpoint import read_hf_config
-
         return model_config_from_hf(read_hf_config(self.model_dir))
 
     def load(self, device: torch.device, dtype: torch.dtype, factory) -> LoadedModel:
         """Random weights are drawn for the whole model in one order (so every rank and the single-process
         reference agree) and carved afterwards; a checkpoint goes straight into `factory`'s backend."""
         if self.hf_config is not None:
-            from expertyard.synthetic import init_random_weights
-
             cfg = self.config()
             model = build_model(cfg, device, dtype, ResidentExperts)
             init_random_weights(model, self.seed, self.std)
