@@ -45,7 +45,7 @@ CASES = {
 }
 
 # Triton block sizes tried besides the default: BLOCK_M, gate_up (BN, BK, warps, stages), down (BN, BK, warps, stages)
-SWEEP = [  # run 1 of session 7 tried the first five; the rest aim at ~256 rows per expert (BLOCK_M padding)
+SWEEP = [  # the first five are the first sweep; the rest aim at ~256 rows per expert (BLOCK_M padding)
     (128, (128, 64, 8, 4), (128, 64, 8, 4)),
     (128, (128, 64, 8, 4), (256, 64, 8, 4)),
     (64, (128, 64, 4, 4), (128, 64, 4, 4)),

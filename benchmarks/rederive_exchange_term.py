@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from expertyard.plan.calibrate import with_exchange_term
+from expertyard.bench.plan_calibrate import with_exchange_term
 from expertyard.plan.model_costs import model_costs
 from expertyard.plan.model_specs import model_config_for
 from expertyard.plan.profiles import load_profile

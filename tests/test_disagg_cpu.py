@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,9 +22,9 @@ from expertyard.disagg.expert_shard import ExpertShard
 from expertyard.disagg.launch import exit_now, launch_local
 from expertyard.disagg.m2n import RowLayout, combine, pack_dispatch, unpack_dispatch
 from expertyard.disagg.placement import ExpertPlacement
-from expertyard.disagg.worker import EngineSettings, ModelSource, run_rank
+from expertyard.disagg.worker import ModelSource, run_rank
 from expertyard.engine.llm_engine import EngineConfig, LLMEngine
-from expertyard.entrypoints.common import bundled_model_path
+from expertyard.loader.bundled import bundled_model_path
 from expertyard.errors import ConfigError, DeploymentDownError
 from expertyard.experts.resident import ResidentExperts
 from expertyard.kernels.fused_moe import fused_moe
@@ -124,9 +125,10 @@ CASES = [  # (source, config, replicated hot experts, micro-batch counts)
 def test_deployment_matches_single_process(source_name, cfg, replicate, ms):
     source = SOURCES[source_name]
     prompts, ref = _reference(source_name)
-    settings = EngineSettings(max_num_seqs=4, max_model_len=64, replicate=replicate)
+    config = EngineConfig(max_num_seqs=4, max_model_len=64)
     job = functools.partial(jobs.greedy_each_m, prompts=prompts, max_tokens=MAX_TOKENS, ms=ms)
-    results = launch_local(cfg, source, settings, "cpu", torch.float32, job, torch_threads=1)
+    results = launch_local(replace(cfg, replicate=replicate), source, config, "cpu", torch.float32, job,
+                           torch_threads=1)
     assert sorted(results) == [(m, a) for m in ms for a in (False, True)]  # async scheduling off and on
     for key, got in results.items():
         _assert_matches(got, ref, key)
@@ -145,9 +147,10 @@ def test_decode_pieces_match_single_process(source_name, cfg, replicate, ms):
     """Decode steps through the graph pieces (padded to a capacity bucket, padding never dispatched): the same
     tokens and log-probabilities as one process."""
     prompts, ref = _reference(source_name)
-    settings = EngineSettings(max_num_seqs=4, max_model_len=64, replicate=replicate, decode_graphs=True)
+    config = EngineConfig(max_num_seqs=4, max_model_len=64, cuda_graphs=True)  # off CUDA: the pieces, eagerly
     job = functools.partial(jobs.greedy_each_m, prompts=prompts, max_tokens=MAX_TOKENS, ms=ms)
-    results = launch_local(cfg, SOURCES[source_name], settings, "cpu", torch.float32, job, torch_threads=1)
+    results = launch_local(replace(cfg, replicate=replicate), SOURCES[source_name], config, "cpu", torch.float32,
+                           job, torch_threads=1)
     for key, got in results.items():
         _assert_matches(got, ref, key)
 
@@ -164,9 +167,9 @@ def _warm_then_greedy(engine, prompts, max_tokens):
 
 def test_server_warm_up_on_a_deployment_builds_the_decode_pieces_and_changes_no_output():
     prompts, ref = _reference("tiny")
-    settings = EngineSettings(max_num_seqs=4, max_model_len=64, decode_graphs=True)
+    config = EngineConfig(max_num_seqs=4, max_model_len=64, cuda_graphs=True)
     job = functools.partial(_warm_then_greedy, prompts=prompts, max_tokens=MAX_TOKENS)
-    got = launch_local(DisaggConfig(attention_ranks=2, expert_ranks=2, micro_batches=2), TINY, settings, "cpu",
+    got = launch_local(DisaggConfig(attention_ranks=2, expert_ranks=2, micro_batches=2), TINY, config, "cpu",
                        torch.float32, job, torch_threads=1)
     keys = got.pop("pieces")
     assert {i for i, _, _ in keys} == {0, 1}  # both micro-batches
@@ -221,7 +224,7 @@ def _rank_process(rank: int, world: int, port: int, cfg: DisaggConfig, out_dir: 
     torch.set_num_threads(1)
     job = functools.partial(_generate_until_down, out_dir=out_dir, async_scheduling=async_scheduling)
     try:
-        run_rank(cfg, TINY, EngineSettings(max_num_seqs=4, max_model_len=256), rank, world, torch.device("cpu"),
+        run_rank(cfg, TINY, EngineConfig(max_num_seqs=4, max_model_len=256), rank, world, torch.device("cpu"),
                  torch.float32, job)
     except DeploymentDownError:
         exit_now(3)
@@ -286,11 +289,11 @@ def test_server_answers_503_while_the_deployment_is_down():
 def test_bench_disaggregate_reports_each_micro_batch_count(capsys, monkeypatch, prefill_budget):
     import json
 
-    from expertyard.disagg import cli as disagg_cli
+    from expertyard.entrypoints import disagg_cmd
     from expertyard.entrypoints.cli import main
 
     if prefill_budget:  # 16 prompt tokens in chunks of 6: prefill takes 3 steps, no decode meanwhile
-        monkeypatch.setattr(disagg_cli, "PREFILL_TOKENS_PER_STEP", prefill_budget)
+        monkeypatch.setattr(disagg_cmd, "PREFILL_TOKENS_PER_STEP", prefill_budget)
     assert main(["bench", "--disaggregate", "--attention-ranks", "1", "--expert-ranks", "1", "--micro-batches", "1,3",
                  "--batch-sizes", "4", "--prompt-len", "4", "--decode-tokens", "4", "--device", "cpu", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

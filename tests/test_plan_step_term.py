@@ -1,4 +1,4 @@
-"""T_step, the driver's host work per decode iteration: the null-deployment arithmetic (step_bench.solve_step,
+"""T_step, the driver's host work per decode iteration: the null-deployment arithmetic (plan/fit.py: solve_step,
 fit_step), the null deployments on the real runtime over gloo, and `plan calibrate --step-term` on CPU."""
 
 import json
@@ -8,12 +8,13 @@ import pytest
 import torch
 from conftest import tiny_hf_config
 
+from expertyard.bench.plan_step import cut, measure_null_tpots, null_layer_counts
 from expertyard.entrypoints.cli import main
+from expertyard.plan.fit import fit_step, solve_step
 from expertyard.plan.model_costs import model_costs
 from expertyard.plan.model_specs import model_config_for
 from expertyard.plan.perf_model import Line, PerfModel, Workload
 from expertyard.plan.profiles import load_profile
-from expertyard.plan.step_bench import cut, fit_step, measure_null_tpots, null_layer_counts, solve_step
 
 ARCHS = {"mixtral": "MixtralForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
 BATCHES = (1, 16, 256, 1024)

@@ -14,9 +14,9 @@ from conftest import disagg_tiny_hf_config
 from expertyard.disagg import jobs
 from expertyard.disagg.config import DisaggConfig
 from expertyard.disagg.launch import launch_local
-from expertyard.disagg.worker import EngineSettings, ModelSource
+from expertyard.disagg.worker import ModelSource
 from expertyard.engine.llm_engine import EngineConfig, LLMEngine
-from expertyard.entrypoints.common import bundled_model_path
+from expertyard.loader.bundled import bundled_model_path
 from expertyard.experts.resident import ResidentExperts
 
 pytestmark = [pytest.mark.gpu,
@@ -62,7 +62,7 @@ def test_nccl_deployment_matches_single_gpu(source_name, cfg, ms, dtype_name):
         pytest.skip(f"needs {cfg.world_size} CUDA devices")
     prompts, ref = _reference(source_name, dtype_name)
     job = functools.partial(jobs.greedy_each_m, prompts=prompts, max_tokens=MAX_TOKENS, ms=ms)
-    results = launch_local(cfg, SOURCES[source_name], EngineSettings(max_num_seqs=4, max_model_len=64), "cuda",
+    results = launch_local(cfg, SOURCES[source_name], EngineConfig(max_num_seqs=4, max_model_len=64), "cuda",
                            DTYPES[dtype_name], job)
     assert sorted(results) == [(m, a) for m in ms for a in (False, True)]  # async scheduling off and on
     for (m, a), got in results.items():

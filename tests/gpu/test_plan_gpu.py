@@ -59,14 +59,14 @@ def test_nccl_send_recv_line(calibrated):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_step_term_from_null_deployments(calibrated):
-    """T_step from two null deployments (1 + 1 ranks, 1 and 2 layers): the session-4 trace put the driver's
+    """T_step from two null deployments (1 + 1 ranks, 1 and 2 layers): a profiler trace put the driver's
     host work at ~3 ms per iteration on H200s; bounded loosely (0.1-50 ms), timing noise aside."""
     fit = next(f for f in calibrated.fits if f["module"] == "step")
     assert fit["null_layers"] == [1, 2] and [row[0] for row in fit["null_tpots"]] == [16, 256, 1024]
     assert all(t1 > 0 and t2 > 0 for _, t1, t2 in fit["null_tpots"]), fit["null_tpots"]
     assert 0.1e3 < calibrated.step_overhead_us < 50e3, calibrated.step_overhead_us
     assert calibrated.sources["step_overhead_us, step_overhead_per_seq_us"].startswith("measured")
-    # T_x from the same deployments: session 5 measured 250 us + 1.35 us per token on 2 x H200
+    # T_x from the same deployments: 250 us + 1.35 us per token on 2 x H200 (2026-11-21)
     exchange = next(f for f in calibrated.fits if f["module"] == "exchange")
     assert [b for b, _ in exchange["points"]] == [16, 256, 1024]
     assert calibrated.exchange_overhead_us + 1024 * calibrated.exchange_overhead_per_token_us < 20e3

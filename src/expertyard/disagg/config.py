@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from expertyard.errors import ConfigError
@@ -26,6 +26,8 @@ class DisaggConfig:
     """Seconds any rank waits for a peer before the deployment is declared down."""
     capacity_multiple: int = 8
     """Per-step buffer capacity (tokens per source and destination) is rounded up to this multiple."""
+    replicate: dict[int, list[int]] = field(default_factory=dict)
+    """MoE layer -> hot experts copied to every expert rank (the rest are spread evenly)."""
 
     def __post_init__(self):
         if self.mode not in ("disaggregated", "colocated"):
@@ -43,6 +45,9 @@ class DisaggConfig:
             raise ConfigError(f"dist_timeout={self.dist_timeout} must be > 0 seconds")
         if self.capacity_multiple < 1:
             raise ConfigError(f"capacity_multiple={self.capacity_multiple} must be >= 1")
+        for layer, experts in self.replicate.items():
+            if layer < 0 or any(e < 0 for e in experts):
+                raise ConfigError(f"replicate={self.replicate}: layers and experts are indices >= 0")
 
     @classmethod
     def colocated(cls, world_size: int, **kw) -> DisaggConfig:

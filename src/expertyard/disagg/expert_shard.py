@@ -9,6 +9,7 @@ from expertyard.disagg.placement import ExpertPlacement
 from expertyard.errors import CheckpointError
 from expertyard.experts.backend import ExpertBackend, Projection
 from expertyard.experts.resident import ResidentExperts
+from expertyard.kernels.fused_moe import fused_moe
 
 # T = tokens, K = experts per token, E_l = local experts of a layer, I = expert intermediate, D = hidden
 
@@ -40,8 +41,6 @@ class ExpertShard(ExpertBackend):
 
     def compute(self, layer: int, x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, D], local_ids [T, K] (-1: not here), weights [T, K] -> [T, D], the sum over local experts."""
-        from expertyard.kernels.fused_moe import fused_moe
-
         w13, w2 = self.w13[layer], self.w2[layer]
         if w13.shape[0] == 0 or x.shape[0] == 0:
             return x.new_zeros(x.shape)

@@ -91,6 +91,14 @@ def _interval_stats(t0: float, ends: list[float]) -> dict:
     return {"step_ms_median": float(np.median(gaps)), "step_ms_max": float(gaps.max())} if len(gaps) else {}
 
 
+PREFILL_TOKENS_PER_STEP = 16384  # the benchmark's prefill runs in chunks: buffers and activations stay bounded
+
+
+def bench_job(engine: LLMEngine, batch_sizes: list[int], prompt_len: int, decode_tokens: int, ms: list[int],
+              seed: int, schedulings: tuple[bool, ...] = (False,)) -> dict[int, list[dict]]:
+    """`decode_throughput` at each batch size: {batch: rows} (`expertyard bench --disaggregate`, plan calibration)."""
+    return {b: decode_throughput(engine, b, prompt_len, decode_tokens, ms, seed, schedulings) for b in batch_sizes}
+
 def _sync(engine: LLMEngine) -> None:
     if engine.device.type == "cuda":
         torch.cuda.synchronize(engine.device)

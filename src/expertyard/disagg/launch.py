@@ -3,7 +3,7 @@ by `torchrun` on several hosts (every process then calls `run_rank` with the lau
 
     one host:   expertyard serve --disaggregate --attention-ranks 2 --expert-ranks 2 ...
     many hosts: torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST0:29400 \
-                  --rdzv-id JOB -m expertyard.disagg.launch serve --disaggregate ...   (same flags on every host)
+                  --rdzv-id JOB -m expertyard.entrypoints.cli serve --disaggregate ...   (same flags on every host)
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from typing import Any, Callable
 import torch
 
 from expertyard.disagg.config import DisaggConfig
-from expertyard.disagg.worker import EngineSettings, ModelSource, run_rank
-from expertyard.errors import DeploymentDownError
+from expertyard.disagg.worker import ModelSource, run_rank
+from expertyard.engine.llm_engine import EngineConfig
+from expertyard.errors import ConfigError, DeploymentDownError
 
 
 def _free_port() -> int:
@@ -31,15 +32,13 @@ def _free_port() -> int:
 def rank_device(device_type: str, local_rank: int) -> torch.device:
     if device_type == "cuda":
         if local_rank >= torch.cuda.device_count():
-            from expertyard.errors import ConfigError
-
             raise ConfigError(f"local rank {local_rank} needs GPU {local_rank}, but this host has "
                               f"{torch.cuda.device_count()}: start fewer ranks per host")
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 
-def rank_main(cfg: DisaggConfig, source: ModelSource, settings: EngineSettings, device_type: str,
+def rank_main(cfg: DisaggConfig, source: ModelSource, engine_config: EngineConfig, device_type: str,
               dtype: torch.dtype, job: Callable, torch_threads: int | None = None) -> Any:
     """The entry point of every launched process: rank and world size come from the launcher's environment."""
     if torch_threads:
@@ -50,7 +49,7 @@ def rank_main(cfg: DisaggConfig, source: ModelSource, settings: EngineSettings, 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = rank_device(device_type, int(os.environ.get("LOCAL_RANK", 0)))
     try:
-        return run_rank(cfg, source, settings, rank, world, device, dtype, job)
+        return run_rank(cfg, source, engine_config, rank, world, device, dtype, job)
     except DeploymentDownError:
         exit_now(1)
 
@@ -63,7 +62,7 @@ def exit_now(status: int) -> None:
     os._exit(status)
 
 
-def launch_local(cfg: DisaggConfig, source: ModelSource, settings: EngineSettings, device_type: str,
+def launch_local(cfg: DisaggConfig, source: ModelSource, engine_config: EngineConfig, device_type: str,
                  dtype: torch.dtype, job: Callable, torch_threads: int | None = None,
                  max_restarts: int = 0) -> Any:
     """All ranks on this host through `elastic_launch`; returns rank 0's `job(engine)`. `job` must be a
@@ -76,16 +75,10 @@ def launch_local(cfg: DisaggConfig, source: ModelSource, settings: EngineSetting
                           rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{port}", max_restarts=max_restarts,
                           monitor_interval=0.5, start_method="spawn")
     try:
-        results = elastic_launch(config, rank_main)(cfg, source, settings, device_type, dtype, job, torch_threads)
+        results = elastic_launch(config, rank_main)(cfg, source, engine_config, device_type, dtype, job, torch_threads)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         how = f"signal {-failure.exitcode}" if failure.exitcode < 0 else f"exit status {failure.exitcode}"
         raise DeploymentDownError(f"rank {rank} ended with {how}") from None
     return results[0]
 
-
-if __name__ == "__main__":  # under torchrun: `torchrun ... -m expertyard.disagg.launch serve --disaggregate ...`
-    from expertyard.entrypoints.cli import main
-
-    os.environ["EXPERTYARD_UNDER_TORCHRUN"] = "1"
-    sys.exit(main(sys.argv[1:]))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,7 +28,10 @@ from expertyard.engine.kv_cache import allocate_kv_cache
 from expertyard.engine.llm_engine import EngineConfig, LLMEngine
 from expertyard.errors import ConfigError, DeploymentDownError
 from expertyard.experts.resident import ResidentExperts
+from expertyard.loader.bundled import load_tokenizer
+from expertyard.loader.checkpoint import read_hf_config
 from expertyard.loader.load import LoadedModel, build_model, load_model, model_config_from_hf
+from expertyard.synthetic import init_random_weights
 
 
 @dataclass
@@ -44,16 +47,12 @@ class ModelSource:
     def config(self) -> ModelConfig:
         if self.hf_config is not None:
             return model_config_from_hf(self.hf_config)
-        from expertyard.loader.checkpoint import read_hf_config
-
         return model_config_from_hf(read_hf_config(self.model_dir))
 
     def load(self, device: torch.device, dtype: torch.dtype, factory) -> LoadedModel:
         """Random weights are drawn for the whole model in one order (so every rank and the single-process
         reference agree) and carved afterwards; a checkpoint goes straight into `factory`'s backend."""
         if self.hf_config is not None:
-            from expertyard.synthetic import init_random_weights
-
             cfg = self.config()
             model = build_model(cfg, device, dtype, ResidentExperts)
             init_random_weights(model, self.seed, self.std)
@@ -63,39 +62,22 @@ class ModelSource:
     def tokenizer(self):
         if self.model_dir is None:
             return None
-        from expertyard.entrypoints.common import load_tokenizer
-
         return load_tokenizer(self.model_dir)
 
 
-@dataclass
-class EngineSettings:
-    max_num_seqs: int = 8
-    max_model_len: int | None = None
-    max_num_batched_tokens: int = 2048
-    replicate: dict[int, list[int]] = field(default_factory=dict)  # layer -> hot experts copied to every rank
-    # attention and expert ranks replay decode steps from CUDA graphs (None: on CUDA); True off CUDA runs the same
-    # pieces and static buffers eagerly (tests of the piece split)
-    decode_graphs: bool | None = None
-    async_scheduling: bool = False  # EngineConfig.async_scheduling of rank 0's engine
-
-
-def effective_max_model_len(cfg: ModelConfig, requested: int | None) -> int:
-    """The engine's own rule (LLMEngine), so that every attention rank sizes its KV cache alike."""
-    limit = cfg.max_position_embeddings
-    return min(requested or min(limit, 4096), limit)
-
-
-def run_rank(cfg: DisaggConfig, source: ModelSource, settings: EngineSettings, rank: int, world_size: int,
+def run_rank(cfg: DisaggConfig, source: ModelSource, engine_config: EngineConfig, rank: int, world_size: int,
              device: torch.device, dtype: torch.dtype, job: Callable[[LLMEngine], Any]) -> Any:
-    """Everything one process does; returns `job(engine)` on rank 0, None elsewhere. A dead or silent peer
-    ends this rank with a DeploymentDownError naming it (followers print it and exit with status 1)."""
+    """Everything one process does; returns `job(engine)` on rank 0, None elsewhere. `engine_config` is rank 0's
+    engine configuration; its `max_num_seqs` and `max_model_len` size every attention rank's KV cache, and its
+    `cuda_graphs` says whether attention and expert ranks replay decode steps from CUDA graphs (None: on CUDA;
+    True off CUDA runs the same pieces and static buffers eagerly, as the tests of the piece split do). A dead or
+    silent peer ends this rank with a DeploymentDownError naming it (followers print it and exit with status 1)."""
     groups = init_distributed(cfg, rank, world_size, device)
     mcfg = source.config()
     if not mcfg.moe_layers:
         raise ConfigError("the model has no MoE layers: nothing to disaggregate")
     role = cfg.role(rank)
-    placement = ExpertPlacement.balanced(mcfg.moe_layers, mcfg.moe.num_experts, cfg.expert_ranks, settings.replicate)
+    placement = ExpertPlacement.balanced(mcfg.moe_layers, mcfg.moe.num_experts, cfg.expert_ranks, cfg.replicate)
     layout = RowLayout(mcfg.hidden_size, mcfg.moe.top_k, dtype)
     dispatch = Exchanger(groups.dispatch, device, "dispatch (attention -> experts)")
     combine = Exchanger(groups.combine, device, "combine (experts -> attention)")
@@ -127,14 +109,14 @@ def run_rank(cfg: DisaggConfig, source: ModelSource, settings: EngineSettings, r
                 exchange = ColocatedExperts(shard, placement, layout, cfg.expert_ranks, dispatch, combine, device)
             model.set_expert_backend(exchange)  # drops the full expert stacks of a random-weight model
             _free(device)
-            max_len = effective_max_model_len(mcfg, settings.max_model_len)
-            rows = kv_rows_per_rank(cfg, settings.max_num_seqs)
+            max_len = engine_config.resolved_max_model_len(mcfg.max_position_embeddings)
+            rows = kv_rows_per_rank(cfg, engine_config.max_num_seqs)
             kv = allocate_kv_cache(model, rows, max_len, device, dtype)
-            graphs = settings.decode_graphs if settings.decode_graphs is not None else device.type == "cuda"
+            graphs = engine_config.cuda_graphs if engine_config.cuda_graphs is not None else device.type == "cuda"
             pieces = DecodePieces(model, kv, exchange, rows - 1, max_len, device.type == "cuda") if graphs else None
             attention = AttentionRank(model, kv, exchange, groups, cfg, device, pieces)
             if rank == 0:
-                result = _drive(cfg, source, settings, loaded, attention, groups, job)
+                result = _drive(cfg, source, engine_config, loaded, attention, groups, job)
             else:
                 freeze_long_lived()
                 follow(groups, attention, None)
@@ -146,20 +128,16 @@ def run_rank(cfg: DisaggConfig, source: ModelSource, settings: EngineSettings, r
     return result
 
 
-def _drive(cfg, source, settings, loaded, attention, groups, job):
+def _drive(cfg, source, config: EngineConfig, loaded, attention, groups, job):
     tokenizer = source.tokenizer()
-    engine = LLMEngine(loaded, tokenizer, EngineConfig(
-        max_num_seqs=settings.max_num_seqs, max_model_len=settings.max_model_len,
-        max_num_batched_tokens=settings.max_num_batched_tokens, cuda_graphs=False,
-        async_scheduling=settings.async_scheduling),
-        **({"eos_token_ids": set()} if tokenizer is None else {}))
-    engine.runner = DistributedRunner(attention, groups, cfg, settings.max_num_seqs)  # frees the full-size cache
-    _free(attention.device)
-    freeze_long_lived()  # after the swap: the replaced runner must be collectable
+    runner = DistributedRunner(attention, groups, cfg, config.max_num_seqs)
+    engine = LLMEngine(loaded, tokenizer, config, runner=runner,
+                       **({"eos_token_ids": set()} if tokenizer is None else {}))
+    freeze_long_lived()
     try:
         return job(engine)
     finally:
-        engine.runner.shutdown()
+        runner.shutdown()
 
 
 def _free(device: torch.device) -> None:

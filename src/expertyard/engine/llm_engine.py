@@ -48,16 +48,22 @@ class EngineConfig:
             raise ConfigError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= 1")
 
 
+    def resolved_max_model_len(self, limit: int) -> int:
+        """max_model_len for a model of `limit` positions: as asked, default min(limit, 4096), never above limit."""
+        return min(self.max_model_len or min(limit, 4096), limit)
+
+
 class LLMEngine:
     def __init__(self, loaded: LoadedModel, tokenizer, config: EngineConfig | None = None,
-                 eos_token_ids: set[int] | None = None):
+                 eos_token_ids: set[int] | None = None, runner: ModelRunner | None = None):
+        """`runner`: what runs the model's steps (default: a ModelRunner over `loaded.model` on this process);
+        any object with ModelRunner's `run(step, ...)`, e.g. the distributed runner of disagg/."""
         self.config = config or EngineConfig()
         self.model, self.model_config, self.tokenizer = loaded.model, loaded.config, tokenizer
         self.model_path = loaded.path  # the checkpoint directory (None for built models): files beside it
         param = next(self.model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        limit = self.model_config.max_position_embeddings
-        self.max_model_len = min(self.config.max_model_len or min(limit, 4096), limit)
+        self.max_model_len = self.config.resolved_max_model_len(self.model_config.max_position_embeddings)
         cuda_graphs = self.config.cuda_graphs if self.config.cuda_graphs is not None else self.device.type == "cuda"
         self.scheduler = Scheduler(self.config.max_num_seqs, self.config.max_num_batched_tokens)
         self.offload_plan = None
@@ -67,8 +73,8 @@ class LLMEngine:
                                             self.device)
             self.model.set_expert_backend(build_offloaded_experts(self.model, self.config.offload,
                                                                   self.offload_plan, loaded.path))
-        self.runner = ModelRunner(self.model, self.config.max_num_seqs, self.max_model_len, self.device,
-                                  self.dtype, cuda_graphs)
+        self.runner = runner if runner is not None else ModelRunner(
+            self.model, self.config.max_num_seqs, self.max_model_len, self.device, self.dtype, cuda_graphs)
         self.eos_token_ids = eos_token_ids if eos_token_ids is not None else _eos_ids(loaded.path, tokenizer)
         self.generators: dict[int, torch.Generator] = {}
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}  # seq_id -> its output text so far

@@ -19,7 +19,7 @@ from expertyard.engine.llm_engine import EngineConfig, LLMEngine
 from expertyard.engine.sampling_params import SamplingParams
 from expertyard.entrypoints.common import (add_model_args, add_offload_args, async_scheduling, engine_from_args,
                                           load_from_args, resolve_device)
-from expertyard.disagg.flags import add_disagg_args
+from expertyard.entrypoints.disagg_flags import add_disagg_args
 from expertyard.errors import ConfigError
 from expertyard.experts.offload.build import build_offloaded_experts
 from expertyard.loader.load import LoadedModel
@@ -82,7 +82,7 @@ def run(args) -> int:
     if min(batch_sizes) < 1 or args.prompt_len < 1 or args.decode_tokens < 2:
         raise ConfigError("--batch-sizes, --prompt-len must be >= 1 and --decode-tokens >= 2")
     if args.disaggregate:  # decode tok/s, per GPU and TPOT for each m (docs/disaggregation.md)
-        from expertyard.disagg.cli import bench, print_bench_table
+        from expertyard.entrypoints.disagg_cmd import bench, print_bench_table
 
         return _emit(bench(args, batch_sizes), args, print_bench_table)
     if args.offload:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from importlib import resources
 from pathlib import Path
 
 import torch
 
+from expertyard.device import DTYPES
+from expertyard.device import resolve_device as device_and_dtype
 from expertyard.engine.collector import freeze_long_lived
 from expertyard.engine.llm_engine import EngineConfig, LLMEngine
 from expertyard.errors import ConfigError
@@ -16,15 +17,9 @@ from expertyard.experts.offload.budget import parse_size
 from expertyard.experts.offload.config import OffloadConfig
 from expertyard.experts.offload.host_loader import HostLoadedExperts
 from expertyard.experts.resident import ResidentExperts
+from expertyard.loader.bundled import bundled_model_path, load_tokenizer
 from expertyard.loader.load import LoadedModel, load_model
 from expertyard.quant.low_store import parse_low_precision
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def bundled_model_path() -> Path:
-    """The small MoE trained by the project and shipped inside the package."""
-    return Path(str(resources.files("expertyard") / "assets" / "tiny-moe"))
 
 
 def add_model_args(p: argparse.ArgumentParser, synthetic: bool = False) -> None:
@@ -132,11 +127,7 @@ def offload_config_from_args(args) -> OffloadConfig | None:
 
 
 def resolve_device(args) -> tuple[torch.device, torch.dtype]:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    return device, dtype
+    return device_and_dtype(args.device, args.dtype)
 
 
 def load_from_args(args, device: torch.device, dtype: torch.dtype,
@@ -169,15 +160,6 @@ def _read_trace_experts(path: Path):
         if "experts" not in f:
             raise ConfigError(f"{path}: not a routing trace (no 'experts' array)")
         return f["experts"]
-
-
-def load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: no usable tokenizer files ({e})") from e
 
 
 def async_scheduling(args, sweep: bool = False) -> list[bool]:

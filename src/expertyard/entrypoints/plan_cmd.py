@@ -13,7 +13,16 @@ import json
 import sys
 from pathlib import Path
 
+from expertyard.bench.plan_calibrate import calibrate
+from expertyard.entrypoints.common import DTYPES, resolve_device
 from expertyard.errors import ConfigError
+from expertyard.plan.colocated import best_colocated, predict_colocated
+from expertyard.plan.model_costs import model_costs
+from expertyard.plan.model_specs import model_config_for, model_label, plan_model_names
+from expertyard.plan.perf_model import Deployment, PerfModel, Workload, predict
+from expertyard.plan.profiles import BUILTIN, load_profile
+from expertyard.plan.report import CANDIDATE_HEADERS, candidate_rows, describe_prediction, table
+from expertyard.plan.search import Constraints, best_plan, search
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 PAPER_TABLE_MODELS = ("mixtral-8x22b", "dbrx", "scaled-moe-317b")
@@ -21,8 +30,6 @@ TABLE_GPUS = (8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    from expertyard.plan.model_specs import plan_model_names
-
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", type=Path, help="local Hugging Face model directory (only config.json is read); "
                                                 "default: the bundled model")
@@ -141,11 +148,6 @@ def _ints(text: str, flag: str) -> list[int]:
 
 
 def _perf_model(args, synthetic: str | None = None, model: Path | None = None, num_layers: int | None = None):
-    from expertyard.plan.model_costs import model_costs
-    from expertyard.plan.model_specs import model_config_for
-    from expertyard.plan.perf_model import PerfModel, Workload
-    from expertyard.plan.profiles import load_profile
-
     # the step overhead goes into both profiles: equal profiles mean one GPU type (PerfModel.link_gbps)
     attn = load_profile(args.gpu).with_price(args.price).with_step_overhead(args.step_overhead_ms)
     expert = load_profile(args.expert_gpu or args.gpu).with_price(args.expert_price if args.expert_gpu else
@@ -157,8 +159,6 @@ def _perf_model(args, synthetic: str | None = None, model: Path | None = None, n
 
 
 def _constraints(args):
-    from expertyard.plan.search import Constraints
-
     return Constraints(slo_tpot_s=None if args.slo_tpot is None else args.slo_tpot / 1e3,
                        balance_tolerance=args.balance_tolerance, max_micro_batches=args.max_micro_batches,
                        objective=args.objective)
@@ -181,11 +181,6 @@ def _versus_colocated(co, gpus: int, tpot_s: float, throughput: float, what: str
 
 
 def run_search(args) -> int:
-    from expertyard.plan.colocated import best_colocated
-    from expertyard.plan.model_specs import model_label
-    from expertyard.plan.report import CANDIDATE_HEADERS, candidate_rows, describe_prediction, table
-    from expertyard.plan.search import best_plan, search
-
     if args.gpus is None:
         raise ConfigError("expertyard plan needs --gpus N (or a subcommand: predict, calibrate, table)")
     pm = _perf_model(args, args.synthetic, args.model, args.num_layers)
@@ -215,11 +210,6 @@ def run_search(args) -> int:
 
 
 def run_predict(args) -> int:
-    from expertyard.plan.colocated import predict_colocated
-    from expertyard.plan.model_specs import model_label
-    from expertyard.plan.perf_model import Deployment, predict
-    from expertyard.plan.report import describe_prediction
-
     if args.mode == "colocated":
         return _predict_colocated(args)
     for flag, ranks, tp in (("--attention-ranks", args.attention_ranks, args.tp_attention),
@@ -250,9 +240,6 @@ def run_predict(args) -> int:
 
 
 def _predict_colocated(args) -> int:
-    from expertyard.plan.colocated import predict_colocated
-    from expertyard.plan.model_specs import model_label
-
     gpus = args.attention_ranks + args.expert_ranks
     if args.attention_ranks < 0 or args.expert_ranks < 0 or gpus < 1:
         raise ConfigError(f"--attention-ranks {args.attention_ranks} + --expert-ranks {args.expert_ranks}: colocated "
@@ -286,11 +273,6 @@ def _predict_colocated(args) -> int:
 
 def run_calibrate(args) -> int:
     import torch
-
-    from expertyard.entrypoints.common import DTYPES, resolve_device
-    from expertyard.plan.calibrate import calibrate
-    from expertyard.plan.model_specs import model_config_for, model_label
-    from expertyard.plan.profiles import BUILTIN, load_profile
 
     device, dtype = resolve_device(args)
     base = args.base_profile
@@ -346,10 +328,6 @@ def _print_null_deployments(f: dict) -> None:
 
 
 def run_table(args) -> int:
-    from expertyard.plan.colocated import best_colocated
-    from expertyard.plan.report import table
-    from expertyard.plan.search import best_plan
-
     models = [m.strip() for m in args.synthetic.split(",") if m.strip()]
     gpus = _ints(args.gpus, "--gpus")
     cons = _constraints(args)

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import torch
 
+from expertyard.entrypoints.common import bundled_model_path
 from expertyard.errors import ConfigError
+from expertyard.loader.quantize import parse_bits, quantize_model
 
 
 def add_parser(sub) -> None:
@@ -28,9 +30,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from expertyard.entrypoints.common import bundled_model_path
-    from expertyard.quant.offline import parse_bits, quantize_model
-
     bits = parse_bits(args.bits)
     model = args.model or bundled_model_path()
     if not model.is_dir():

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import os
 import signal
 import sys
 
-from expertyard.entrypoints.common import add_model_args, add_offload_args, engine_from_args
-from expertyard.disagg.flags import add_disagg_args
-from expertyard.errors import ConfigError
+from expertyard.disagg.launch import exit_now
+from expertyard.engine.llm_engine import EngineConfig
+from expertyard.entrypoints.common import add_model_args, add_offload_args, async_scheduling, engine_from_args
+from expertyard.entrypoints.disagg_cmd import decode_graphs, disagg_config, run_distributed
+from expertyard.entrypoints.disagg_flags import add_disagg_args
+from expertyard.errors import ConfigError, DeploymentDownError
 
 
 def add_parser(sub) -> None:
@@ -73,9 +78,7 @@ def run(args) -> int:
     if args.max_request_bytes < 1024:
         raise ConfigError(f"--max-request-bytes {args.max_request_bytes} must be >= 1024")
     if args.disaggregate:  # several ranks through torchrun's launcher; the server runs on attention rank 0
-        from expertyard.disagg.cli import serve
-
-        return serve(args)
+        return serve_distributed(args)
     engine = engine_from_args(args, max_num_batched_tokens=args.max_num_batched_tokens)
     warm_up_if_asked(engine, args)
     app = build_app(engine, served_name(args), api_key=args.api_key or None, max_body_bytes=args.max_request_bytes)
@@ -86,3 +89,58 @@ def run(args) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.Server(config).run()
     return 0
+
+
+# ---- serve --disaggregate ------------------------------------------------------------------------------
+
+def serve_job(engine, args) -> int:
+    """Rank 0: the OpenAI-compatible server around the distributed engine (returns when it stops)."""
+    import uvicorn
+
+    from expertyard.server import build_app
+
+    warm_up_if_asked(engine, args)  # on GPUs this also captures the attention ranks' decode graphs
+    app = build_app(engine, served_name(args), api_key=args.api_key or None, max_body_bytes=args.max_request_bytes)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.shutdown_timeout, access_log=args.log_level == "debug")
+    print(f"expertyard serve: {disagg_config(args).mode} deployment ready on http://{args.host}:{args.port}",
+          file=sys.stderr, flush=True)
+    uvicorn.Server(config).run()
+    # stopped by a signal: the launcher's agent stops the other ranks too, so waiting for them to take a
+    # "stop" header (or for a dead one to time out) would only delay the exit
+    exit_now(0)
+
+
+def serve_distributed(args) -> int:
+    config = EngineConfig(max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                          max_num_batched_tokens=args.max_num_batched_tokens, cuda_graphs=decode_graphs(args),
+                          async_scheduling=async_scheduling(args)[0])
+    try:
+        run_distributed(args, config, functools.partial(serve_job, args=args), args.max_restarts)
+    except DeploymentDownError as e:
+        if "RANK" in os.environ:  # under torchrun: the agent reports it
+            raise
+        print(f"expertyard serve: {e}; answering 503 on port {args.port} until stopped", file=sys.stderr, flush=True)
+        serve_down(args, str(e))
+        return 1
+    return 0
+
+
+def serve_down(args, reason: str) -> None:
+    """After the deployment went down for good: every request gets 503 with the reason (load balancers and
+    clients see an answer, not a refused connection), until SIGTERM/SIGINT."""
+    import uvicorn
+
+    body = json.dumps({"error": {"message": f"the deployment is down: {reason}", "type": "server_error",
+                                 "param": None, "code": "deployment_down"}}).encode()
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 503,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body})
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)  # uvicorn re-raises it after its clean stop
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # (torchrun's launcher had replaced both)
+    uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", lifespan="off")).run()

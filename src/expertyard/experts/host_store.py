@@ -8,7 +8,6 @@ disk tier) stay in the memory-mapped safetensors files and are staged through pi
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from expertyard.device import pin_for_life_of
 from expertyard.errors import CheckpointError, ConfigError
 from expertyard.experts.backend import Projection
 from expertyard.experts.policies.base import ExpertKey
@@ -109,23 +109,3 @@ class HostExpertStore:
     def memory_bytes(self) -> int:
         return self.pool.numel() * self.pool.element_size()
 
-
-def pin_for_life_of(owner: object, t: torch.Tensor) -> bool:
-    """Page-lock `t` while `owner` lives: unregistered before the memory goes back to the allocator (a stale
-    registration makes a later registration of that address fail). False if the pages could not be locked."""
-    if not _register_pinned(t):
-        return False
-    weakref.finalize(owner, torch.cuda.cudart().cudaHostUnregister, t.data_ptr())
-    return True
-
-
-def _register_pinned(t: torch.Tensor) -> bool:
-    """Page-lock an existing host tensor (no power-of-two rounding, unlike the caching host allocator)."""
-    if not torch.cuda.is_available():
-        return False
-    cudart = torch.cuda.cudart()
-    err = cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
-    if int(err) != 0:
-        cudart.cudaGetLastError()  # clear it, or the next CUDA call would report it; copies run pageable
-        return False
-    return True

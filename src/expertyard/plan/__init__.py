@@ -7,7 +7,11 @@ model_specs.py  the paper's models as shapes, and how `--model/--synthetic` beco
 model_costs.py  bytes and FLOPs per layer of a ModelConfig
 perf_model.py   T_a, T_e, T_c, iteration latency (TPOT), memory, throughput for one deployment
 search.py       Algorithm 1: the best deployments for N GPUs under the constraints and an SLO
-calibrate.py    micro-benchmarks of the project's own attention step and fused_moe, fitted lines
-comm_bench.py   NCCL send/recv over message sizes between two local GPUs
+fit.py          least-squares lines, and the step and exchange terms solved from measured TPOTs
+colocated.py    the colocated (wide expert parallelism) baseline
 report.py       plain-text tables
+
+The model is pure arithmetic. Calibration, which runs hardware, lives with the benchmarks:
+bench/plan_calibrate.py (the project's own attention step and fused_moe, fitted lines), bench/plan_step.py (the
+null deployments behind T_step and T_x), bench/plan_comm.py (NCCL send/recv between two local GPUs).
 """

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from expertyard.config import ModelConfig
+from expertyard.models.base import DecoderLayer
 
 
 @dataclass(frozen=True)
@@ -102,8 +103,6 @@ class ModelCosts:
 @lru_cache(maxsize=32)
 def model_costs(cfg: ModelConfig, bytes_per_param: int = 2) -> ModelCosts:
     import torch
-
-    from expertyard.models.base import DecoderLayer
 
     attn_params, kv_elems = 0, 0
     with torch.device("meta"):

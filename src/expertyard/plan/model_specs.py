@@ -18,6 +18,10 @@ from typing import Callable
 
 from expertyard.config import ModelConfig
 from expertyard.errors import ConfigError
+from expertyard.loader.bundled import bundled_model_path
+from expertyard.loader.checkpoint import read_hf_config
+from expertyard.loader.load import model_config_from_hf
+from expertyard.synthetic import SYNTHETIC_MODELS, shortened, synthetic_hf_config
 
 
 def _mixtral_like(vocab: int, hidden: int, inter: int, layers: int, heads: int, kv_heads: int, experts: int,
@@ -38,8 +42,6 @@ PAPER_MODELS: dict[str, Callable] = {
 
 
 def plan_model_names() -> list[str]:
-    from expertyard.synthetic import SYNTHETIC_MODELS
-
     return sorted({*SYNTHETIC_MODELS, *PAPER_MODELS})
 
 
@@ -51,16 +53,11 @@ def hf_config_for(synthetic: str | None, model: Path | None, num_layers: int | N
     if num_layers is not None and not synthetic:
         raise ConfigError("--num-layers shortens a --synthetic model only")
     if synthetic:
-        from expertyard.synthetic import SYNTHETIC_MODELS, shortened, synthetic_hf_config
-
         if synthetic in SYNTHETIC_MODELS:
             return synthetic_hf_config(synthetic, num_layers)
         if synthetic not in PAPER_MODELS:
             raise ConfigError(f"unknown --synthetic model {synthetic!r}; choose one of {', '.join(plan_model_names())}")
         return shortened(PAPER_MODELS[synthetic](), num_layers, synthetic)
-    from expertyard.entrypoints.common import bundled_model_path
-    from expertyard.loader.checkpoint import read_hf_config
-
     path = Path(model) if model else bundled_model_path()
     if not path.is_dir():
         raise ConfigError(f"--model {path}: not a directory; pass a local Hugging Face model directory")
@@ -69,8 +66,6 @@ def hf_config_for(synthetic: str | None, model: Path | None, num_layers: int | N
 
 def model_config_for(synthetic: str | None = None, model: Path | None = None,
                      num_layers: int | None = None) -> ModelConfig:
-    from expertyard.loader.load import model_config_from_hf
-
     return model_config_from_hf(hf_config_for(synthetic, model, num_layers))
 
 

@@ -4,7 +4,7 @@ Units everywhere in `expertyard.plan`: seconds, bytes, GB = 1e9 bytes, GB/s = 1e
 
 A profile is either `datasheet` (built in below: peak figures from the vendor's datasheet, times efficiency
 factors that are stated assumptions) or `calibrated` (written by `expertyard plan calibrate`, whose effective
-figures come from timing the project's own kernels; see calibrate.py). The performance model reads only the
+figures come from timing the project's own kernels; see bench/plan_calibrate.py). The performance model reads only the
 effective figures (`weight_gbps`, `kv_gbps`, `attn_tflops`, `expert_tflops`, the overheads and the links);
 the peak figures are kept for reference and for the efficiency columns of reports.
 """

@@ -1,4 +1,5 @@
-"""Low-precision expert copies: group-wise quantization, packed experts, their FFN kernels, offline files."""
+"""Low-precision expert copies: group-wise quantization, packed experts, their FFN kernels, the file format
+(writing the files from a checkpoint: loader/quantize.py)."""
 
 from expertyard.quant.ffn import expert_ffn_quantized_reference, fused_moe_quantized, fused_moe_quantized_torch
 from expertyard.quant.groupwise import QuantizedMatrix, dequantize, pack_codes, quantize, unpack_codes

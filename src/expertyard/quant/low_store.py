@@ -9,17 +9,28 @@ CPU), or read from the files `expertyard quantize` wrote.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from tqdm import tqdm
 
+from expertyard.device import pin_for_life_of
 from expertyard.errors import CheckpointError, ConfigError
-from expertyard.experts.host_store import HostExpertStore, pin_for_life_of
-from expertyard.experts.policies.base import ExpertKey
 from expertyard.quant.packed_expert import ExpertLayout, pack_expert_flat
 from expertyard.quant.store import file_name, load_quantized_experts
 
 BITS_BY_NAME = {"int8": 8, "int4": 4, "int2": 2}
+ExpertKey = tuple[int, int]  # (layer, expert)
+
+
+class FullPrecisionExperts(Protocol):
+    """What quantizing needs of the full-precision host store (experts/host_store.py: HostExpertStore)."""
+
+    hidden: int
+    inter: int
+
+    def source(self, key: ExpertKey, device: torch.device) -> torch.Tensor:
+        """The expert's flat host buffer [3*I*D] (gate, up, down)."""
 
 
 def parse_low_precision(text: str) -> int:
@@ -45,7 +56,7 @@ class LowPrecisionStore:
         return self.pool[self.row[key]]
 
     @classmethod
-    def quantize(cls, host: HostExpertStore, keys: list[ExpertKey], bits: int, group_size: int,
+    def quantize(cls, host: FullPrecisionExperts, keys: list[ExpertKey], bits: int, group_size: int,
                  device: torch.device, pin: bool, progress: bool = True) -> LowPrecisionStore:
         """Pack every expert of the full-precision host store (on `device`, back into pinned host rows)."""
         layout = ExpertLayout.build(host.hidden, host.inter, bits, group_size)
