@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from expertyard.engine.detokenizer import IncrementalDetokenizer
+from expertyard.engine.kv_cache import kv_cache_bytes
 from expertyard.engine.model_runner import ModelRunner
 from expertyard.engine.placeholders import placeholder
 from expertyard.engine.sampler import sample, top_logprobs
@@ -68,9 +69,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.config.max_num_seqs, self.config.max_num_batched_tokens)
         self.offload_plan = None
         if self.config.offload is not None:  # plan the whole device budget before anything is allocated
-            self.offload_plan = plan_budget(self.model, self.config.offload, self.config.max_num_seqs,
-                                            self.max_model_len, self.config.max_num_batched_tokens, self.dtype,
-                                            self.device)
+            kv = kv_cache_bytes(self.model, self.config.max_num_seqs + 1, self.max_model_len, self.dtype)
+            self.offload_plan = plan_budget(self.model, self.config.offload, kv, self.max_model_len,
+                                            self.config.max_num_batched_tokens, self.dtype, self.device)
             self.model.set_expert_backend(build_offloaded_experts(self.model, self.config.offload,
                                                                   self.offload_plan, loaded.path))
         self.runner = runner if runner is not None else ModelRunner(

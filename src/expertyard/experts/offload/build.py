@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 
 from expertyard.config import ModelConfig
-from expertyard.engine.kv_cache import kv_cache_bytes
 from expertyard.errors import ConfigError
 from expertyard.experts.cache_state import ExpertCacheState
 from expertyard.experts.cpu import CpuExpertCompute, CpuExpertStore, measure_costs, set_cpu_threads
@@ -35,14 +34,13 @@ DEFAULT_POLICY = "lru"
 DEFAULT_PREDICTOR = "next-gate"
 
 
-def plan_budget(model: CausalLM, cfg: OffloadConfig, max_num_seqs: int, max_model_len: int,
-                max_num_batched_tokens: int, dtype: torch.dtype, device: torch.device) -> GpuBudgetPlan:
-    """Split the device budget: resident weights, KV cache (`max_num_seqs` + 1 rows), workspace, expert slots."""
+def plan_budget(model: CausalLM, cfg: OffloadConfig, kv: int, max_model_len: int, max_num_batched_tokens: int,
+                dtype: torch.dtype, device: torch.device) -> GpuBudgetPlan:
+    """Split the device budget: resident weights, the KV cache's `kv` bytes, workspace, expert slots."""
     mcfg: ModelConfig = model.cfg
     elt = torch.empty((), dtype=dtype).element_size()
     expert_bytes = mcfg.expert_bytes(elt)
     resident = sum(p.numel() * p.element_size() for p in model.parameters())
-    kv = kv_cache_bytes(model, max_num_seqs + 1, max_model_len, dtype)
     workspace = workspace_bytes(mcfg, max_num_batched_tokens, max_model_len, elt)
     budget = cfg.gpu_memory_budget
     if budget is None:
