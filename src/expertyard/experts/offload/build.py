@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from expertyard.config import ModelConfig
 from expertyard.errors import ConfigError
@@ -25,16 +26,15 @@ from expertyard.experts.policies.hobbit_weights import load_hobbit_weights
 from expertyard.experts.precision import PrecisionThresholds
 from expertyard.experts.predictors import load_predictor
 from expertyard.experts.predictors.base import Predictor, TraceOraclePredictor
-from expertyard.models.base import CausalLM
 from expertyard.quant.low_store import LowPrecisionStore
 from expertyard.quant.packed_expert import ExpertLayout
 from expertyard.quant.store import file_name
 
 DEFAULT_POLICY = "lru"
-DEFAULT_PREDICTOR = "next-gate"
+DEFAULT_PREDICTOR = "none"  # measured: prediction on a busy link delays demand copies (docs/offloading.md)
 
 
-def plan_budget(model: CausalLM, cfg: OffloadConfig, kv: int, max_model_len: int, max_num_batched_tokens: int,
+def plan_budget(model: nn.Module, cfg: OffloadConfig, kv: int, max_model_len: int, max_num_batched_tokens: int,
                 dtype: torch.dtype, device: torch.device) -> GpuBudgetPlan:
     """Split the device budget: resident weights, the KV cache's `kv` bytes, workspace, expert slots."""
     mcfg: ModelConfig = model.cfg
@@ -49,7 +49,7 @@ def plan_budget(model: CausalLM, cfg: OffloadConfig, kv: int, max_model_len: int
     return plan_gpu_budget(budget, mcfg, resident, kv, workspace, expert_bytes, name)
 
 
-def build_offloaded_experts(model: CausalLM, cfg: OffloadConfig, plan: GpuBudgetPlan,
+def build_offloaded_experts(model: nn.Module, cfg: OffloadConfig, plan: GpuBudgetPlan,
                             model_dir: Path | None) -> OffloadedExperts:
     """The backend for `model`, whose experts were loaded into host memory (`HostLoadedExperts`)."""
     host = _host_experts(model)
@@ -66,7 +66,7 @@ def build_offloaded_experts(model: CausalLM, cfg: OffloadConfig, plan: GpuBudget
                                    PrecisionThresholds(*cfg.precision_thresholds), predictor, cfg.timeline)
 
 
-def full_precision_backend(model: CausalLM, slots: int, policy: CachePolicy, predictor: Predictor | None = None,
+def full_precision_backend(model: nn.Module, slots: int, policy: CachePolicy, predictor: Predictor | None = None,
                            timeline: bool = False, hybrid: HybridExecutor | None = None) -> OffloadedExperts:
     """An expert cache of `slots` full-precision experts over the host store `model` was loaded into."""
     host, mcfg = _host_experts(model), model.cfg
@@ -88,7 +88,7 @@ def build_hybrid(host: HostLoadedExperts, cfg: OffloadConfig) -> HybridExecutor:
                           host.dtype)
 
 
-def mixed_precision_backend(model: CausalLM, high_slots: int, low_slots: int, high_policy: CachePolicy,
+def mixed_precision_backend(model: nn.Module, high_slots: int, low_slots: int, high_policy: CachePolicy,
                             low_policy: CachePolicy, low_store: LowPrecisionStore, mode: str = "mixed",
                             thresholds: PrecisionThresholds | None = None, predictor: Predictor | None = None,
                             timeline: bool = False) -> OffloadedExperts:
@@ -108,7 +108,7 @@ def mixed_precision_backend(model: CausalLM, high_slots: int, low_slots: int, hi
                             mode, thresholds)
 
 
-def _host_experts(model: CausalLM) -> HostLoadedExperts:
+def _host_experts(model: nn.Module) -> HostLoadedExperts:
     host = model.experts
     if isinstance(host, OffloadedExperts):  # rebuilt (tests, benchmarks): the same host store
         host = host.host
@@ -118,7 +118,7 @@ def _host_experts(model: CausalLM) -> HostLoadedExperts:
     return host
 
 
-def _low_precision_store(model: CausalLM, host: HostLoadedExperts, cfg: OffloadConfig,
+def _low_precision_store(model: nn.Module, host: HostLoadedExperts, cfg: OffloadConfig,
                          model_dir: Path | None) -> LowPrecisionStore:
     """Low-precision host copies: read from `expertyard quantize` files, else quantized now."""
     mcfg, bits = model.cfg, cfg.low_precision_bits
@@ -144,7 +144,7 @@ def make_cache_policy(cfg: OffloadConfig, model_dir: Path | None):
     return make_policy("hobbit", weights=load_hobbit_weights(path)) if path else make_policy("hobbit")
 
 
-def make_predictor(cfg: OffloadConfig, model: CausalLM, model_dir: Path | None):
+def make_predictor(cfg: OffloadConfig, model: nn.Module, model_dir: Path | None):
     name, depth = cfg.predictor or DEFAULT_PREDICTOR, cfg.prefetch_depth
     if name == "oracle":
         if model.forced_routing is None:
