@@ -199,18 +199,9 @@ def configure_offload(engine: LLMEngine, args) -> None:
 
 
 def make_cache_policy(args, model_dir: Path | None):
-    from expertyard.experts.policies import make_policy
+    from expertyard.experts.policies import policy_from_args
 
-    if args.policy != "hobbit":
-        if args.policy_weights is not None:
-            raise ConfigError(f"--policy-weights is for --policy hobbit, not {args.policy}")
-        return make_policy(args.policy)
-    from expertyard.experts.policies.hobbit_weights import load_hobbit_weights
-
-    path = args.policy_weights
-    if path is None and model_dir is not None and (Path(model_dir) / "hobbit-weights.json").is_file():
-        path = Path(model_dir) / "hobbit-weights.json"
-    return make_policy("hobbit", weights=load_hobbit_weights(path)) if path else make_policy("hobbit")
+    return policy_from_args(args, model_dir)
 
 
 def configure_low_precision(engine: LLMEngine, args, plan, predictor, model_dir: Path | None, mode: str) -> None:
@@ -252,15 +243,9 @@ def configure_low_precision(engine: LLMEngine, args, plan, predictor, model_dir:
 
 
 def make_predictor(args, model):
-    from expertyard.experts.predictors import load_predictor
-    from expertyard.experts.predictors.base import TraceOraclePredictor
+    from expertyard.experts.predictors import make_predictor as build
 
-    name, depth = args.predictor, args.prefetch_depth
-    if name == "oracle":
-        if model.forced_routing is None:
-            raise ConfigError("--predictor oracle reads the future of a --routing-trace; give one")
-        return TraceOraclePredictor(model.forced_routing, list(model.cfg.moe_layers), depth)
-    return load_predictor(name, model, model_dir_of(args), depth, args.predictor_path)
+    return build(args.predictor, model, model_dir_of(args), args.prefetch_depth, args.predictor_path)
 
 
 def model_dir_of(args) -> Path | None:
