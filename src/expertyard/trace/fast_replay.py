@@ -19,6 +19,7 @@ from expertyard.experts.policies.reuse import MAX_AGE, UNKNOWN
 
 KERNELS = {"lru": 0, "lfu": 1, "layer-distance": 2, "reuse": 3, "belady": 4}
 NEVER = 1 << 62
+HIT, FREE = -2, -1  # replay log entries besides an evicted key
 
 
 def next_uses(offsets: np.ndarray, keys: np.ndarray) -> np.ndarray:
@@ -93,9 +94,10 @@ def _victim(kind, n_res, sl_key, sl_stamp, gid, E, last, count, rank_t, ins, nxt
 
 
 @njit(cache=True)
-def replay(kind, offsets, keys, layers, pairs, nxt, capacity, top_k, num_keys, E):
+def replay(kind, offsets, keys, layers, pairs, nxt, capacity, top_k, num_keys, E, log):
     """Replay visits (visit v uses keys[offsets[v]:offsets[v+1]] of MoE layer layers[v], from `pairs`
-    (token, expert) pairs) through a cache of `capacity` slots. Returns (hits, misses, releases)."""
+    (token, expert) pairs) through a cache of `capacity` slots. Returns (hits, misses, releases); log [P] gets,
+    per access, HIT, FREE (a miss loaded into a free slot) or the key the miss evicted."""
     V = len(offsets) - 1
     slot_of = np.full(num_keys, -1, np.int64)
     sl_key = np.empty(capacity, np.int64)
@@ -153,16 +155,19 @@ def replay(kind, offsets, keys, layers, pairs, nxt, capacity, top_k, num_keys, E
                 k = keys[j]
                 if slot_of[k] >= 0:
                     hits += 1
+                    log[j] = HIT
                 else:
                     misses += 1
                     if n_res < capacity:
                         s = n_res
                         n_res += 1
+                        log[j] = FREE
                     else:
                         s = _victim(kind, n_res, sl_key, sl_stamp, gid, E, last, count, rank_t, ins, nxt_key,
                                     seen_n, cur, sweep, touch_s, m)
                         if s < 0:
                             return hits, misses, -1  # cannot hold the visit's experts
+                        log[j] = sl_key[s]
                         slot_of[sl_key[s]] = -1
                     sl_key[s] = k
                     sl_stamp[s] = gid
@@ -216,11 +221,14 @@ def visit_arrays(trace, batch_size: int, schedule) -> tuple[np.ndarray, np.ndarr
             np.asarray(pairs, np.int64))
 
 
-def fast_replay(trace, policy: str, capacity: int, batch_size: int, schedule) -> tuple[int, int, int, int]:
-    """(hits, misses, releases, visits) of replaying `trace` with `policy` (a key of KERNELS)."""
+def fast_replay(trace, policy: str, capacity: int, batch_size: int, schedule, log: bool = False):
+    """(hits, misses, releases, visits) of replaying `trace` with `policy` (a key of KERNELS); with `log`, also
+    (offsets, keys, per-access log) to compare decision by decision."""
     offsets, keys, layers, pairs = visit_arrays(trace, batch_size, schedule)
     nxt = next_uses(offsets, keys) if policy == "belady" else np.zeros(len(keys), np.int64)
+    out = np.empty(len(keys), np.int64)  # [P]
     hits, misses, releases = replay(KERNELS[policy], offsets, keys, layers, pairs, nxt, capacity, trace.top_k,
-                                    trace.num_layers * trace.num_experts, trace.num_experts)
+                                    trace.num_layers * trace.num_experts, trace.num_experts, out)
     assert releases >= 0, "a visit's group of at most `capacity` experts always fits"
-    return int(hits), int(misses), int(releases), len(offsets) - 1
+    counts = (int(hits), int(misses), int(releases), len(offsets) - 1)
+    return (counts, (offsets, keys, out)) if log else counts
