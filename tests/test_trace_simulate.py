@@ -24,7 +24,9 @@ from expertyard.trace.simulate import (Predictions, SimulationError, capacity_fo
 
 from conftest import SHARED
 
-DEEPSEEK = SHARED / "data" / "traces" / "deepseek-v2-lite.prefill.a.npz"
+DEEPSEEK = next((d / "data" / "traces" / "deepseek-v2-lite.prefill.a.npz" for d in (
+    SHARED, Path(__file__).resolve().parents[1] / ".." / "shared", Path("/work/shared"))
+    if (d / "data" / "traces" / "deepseek-v2-lite.prefill.a.npz").is_file()), SHARED / "data" / "traces" / "none")
 
 
 def random_trace(tokens=60, layers=3, experts=8, k=2, seqs=4, hidden=None, seed=0) -> Trace:
@@ -181,7 +183,8 @@ class LoggedPredictor:
         return preds
 
 
-@pytest.mark.parametrize("policy,predictor", [("lru", "none"), ("lfu", "next-gate"), ("belady", "next-gate")])
+@pytest.mark.parametrize("policy,predictor", [("lru", "none"), ("lfu", "next-gate"), ("belady", "next-gate"),
+                                              ("reuse", "none"), ("reuse", "next-gate")])
 def test_simulator_matches_the_offloaded_engine(tiny_checkpoint, policy, predictor):
     """The engine's own visits (OffloadedExperts on the CPU: its load-first path, with batched prefill, eviction
     on every visit and next-gate prefetch) replayed by the simulator's `visit` give the engine's counters."""
@@ -256,7 +259,7 @@ def test_split_documents():
 
 
 # ---- commands -----------------------------------------------------------------------------------------------
-def test_trace_and_simulate_commands_on_the_bundled_model(tmp_path, capsys, monkeypatch):
+def test_trace_and_simulate_commands_on_the_bundled_model(tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text("Once upon a time there was a cat.<|endoftext|>The dog ran to the park and played.\n"
                     "<|endoftext|>Lily and Tom went home.")
@@ -272,12 +275,18 @@ def test_trace_and_simulate_commands_on_the_bundled_model(tmp_path, capsys, monk
         r = json.loads(capsys.readouterr().out)
         assert r["expert_bytes"] == 3 * 256 * 256 * 2 and r["result"]["prefetches"] > 0
         assert r["belady_bound"]["policy"] == "belady" and r["belady_bound"]["prefetches"] == 0
-    monkeypatch.setitem(sys.modules, "expertyard.experts.predictors.trained", None)  # as if not installed
-    assert main(["simulate", "--trace", str(out), "--cache-experts", "8", "--predictor", "trained"]) == 2
-    assert "trained predictor is not available" in capsys.readouterr().err
     assert main(["simulate", "--trace", str(out), "--sweep", "--batch-size", "2"]) == 0
     table = capsys.readouterr().out
     assert table.count("lfu ") == 3 and "belady (bound, no prediction)" in table and "MB/token" in table
+    png = tmp_path / "curves.png"
+    assert main(["simulate", "--trace", str(out), "--sweep", "--fractions", "0.1,0.3,0.6,1", "--policies",
+                 "lru,reuse", "--plot", str(png), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["sweep"]
+    assert [r["policy"] for r in rows] == ["lru"] * 4 + ["reuse"] * 4 + ["belady"] * 4
+    bound = {r["capacity"]: r["misses"] for r in rows if r["policy"] == "belady"}
+    for r in rows:
+        assert r["misses_vs_belady"] == r["misses"] / bound[r["capacity"]] and r["misses_vs_belady"] >= 1
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -286,7 +295,7 @@ def test_trace_and_simulate_commands_on_the_bundled_model(tmp_path, capsys, monk
     (["--cache-experts", "1"], "cannot hold the 2 experts"),
     (["--cache-experts", "4", "--predictor", "next-gate"], "'hidden' is missing"),
     (["--cache-experts", "4", "--predictor", "oracle", "--prefetch-depth", "4"], "must be 1, 2 or 3"),
-    (["--sweep", "--cache-experts", "4"], "--sweep runs cache fractions"),
+    (["--sweep", "--cache-experts", "4"], "--sweep runs each of --fractions"),
     (["--cache-experts", "4", "--batch-size", "0"], "--batch-size 0 must be >= 1"),
 ])
 def test_simulate_errors_are_messages(tmp_path, capsys, argv, match):
