@@ -324,14 +324,15 @@ def test_simulate_precision_full_is_todays_simulate(tmp_path, capsys):
     before = {("lru", 1, False): (448, 1952, 0, 0, 0, 0), ("lru", 1, True): (1894, 506, 1497, 1497, 0, 1497),
               ("lru", 3, False): (23, 2031, 0, 0, 0, 0), ("lfu", 1, False): (473, 1927, 0, 0, 0, 0),
               ("lfu", 1, True): (1840, 560, 1446, 1446, 0, 1446), ("lfu", 3, False): (250, 1804, 0, 0, 0, 0),
-              ("layer-distance", 1, False): (585, 1815, 0, 0, 0, 0),
-              ("layer-distance", 3, False): (352, 1702, 0, 0, 0, 0), ("belady", 1, False): (1223, 1177, 0, 0, 0, 0),
+              # layer-distance measures from the layer of the visit (`on_visit`), no longer from the previous one
+              ("layer-distance", 1, False): (608, 1792, 0, 0, 0, 0),
+              ("layer-distance", 3, False): (353, 1701, 0, 0, 0, 0), ("belady", 1, False): (1223, 1177, 0, 0, 0, 0),
               ("belady", 1, True): (2002, 398, 902, 902, 0, 902), ("belady", 3, False): (762, 1292, 0, 0, 0, 0)}
     for (policy, batch, oracle), want in before.items():
         r = simulate(t, policy, 16, Predictions.oracle(2) if oracle else None, batch)
         assert (r.hits, r.misses, r.prefetches, r.prefetch_hits, r.wasted_prefetches, r.prefetch_hits_on_time) == want
     save_trace(tmp_path / "t.npz", t)
-    args = ["simulate", "--trace", str(tmp_path / "t.npz"), "--cache-experts", "16", "--json"]
+    args = ["simulate", "--trace", str(tmp_path / "t.npz"), "--cache-experts", "16", "--policy", "lru", "--json"]
     assert main(args) == 0
     plain = json.loads(capsys.readouterr().out)
     assert main(args + ["--precision", "full"]) == 0
@@ -342,7 +343,7 @@ def test_simulate_mixed_fit_and_policy_weights_commands(tmp_path, capsys):
     t = random_trace(tokens=160, layers=4, experts=16, k=2, seqs=4, seed=2)
     save_trace(tmp_path / "t.npz", t)
     base = ["simulate", "--trace", str(tmp_path / "t.npz")]
-    assert main(base + ["--precision", "mixed", "--cache-experts", "12", "--predictor", "oracle",
+    assert main(base + ["--precision", "mixed", "--cache-experts", "12", "--predictor", "oracle", "--policy", "lru",
                         "--adaptive-prefetch", "--json"]) == 0
     o = json.loads(capsys.readouterr().out)
     run, bound = o["runs"]
