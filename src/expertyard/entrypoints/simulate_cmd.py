@@ -9,7 +9,8 @@ from pathlib import Path
 
 from expertyard.entrypoints.simulate_mixed import add_mixed_args, run_mixed
 from expertyard.errors import ConfigError
-from expertyard.experts.policies import DEFAULT_POLICY, ONLINE_POLICIES, POLICIES, policy_params_from_args
+from expertyard.experts.policies import (DEFAULT_POLICY, ONLINE_POLICIES, POLICIES, load_hobbit_weights,
+                                         policy_params_from_args)
 from expertyard.experts.predictors import PREDICTOR_NAMES
 from expertyard.trace.fast_replay import KERNELS
 from expertyard.trace.fit_hobbit import slice_trace
@@ -96,8 +97,6 @@ def _fractions(text: str) -> list[float]:
 def policy_kwargs_for(args) -> dict:
     """--policy-weights and the like, for the policy they belong to (checked now, so a bad file fails before any
     replay); in a sweep or a fit, for hobbit."""
-    from expertyard.experts.policies import load_hobbit_weights
-
     if args.sweep or args.fit_weights is not None:
         return {} if args.policy_weights is None else {"weights": load_hobbit_weights(args.policy_weights)}
     params = policy_params_from_args(args.policy, args)

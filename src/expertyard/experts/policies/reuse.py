@@ -14,7 +14,7 @@ it has seen so far, in layer visits:
         from a histogram of R (distances above MAX_AGE pooled, with their exact sum).
 
 Ties (equal estimate): the oldest last touch (use or load), then the smallest key. The histogram's table m is
-recomputed once per sweep, in float64, from integer counts, so the numba replay (`trace.fast_simulate`)
+recomputed once per sweep, in float64, from integer counts, so the numba replay (`trace.fast_replay`)
 computes bit-identical estimates.
 
 Scan resistance: when one sweep needs more experts than the cache holds, every resident expert has the same
