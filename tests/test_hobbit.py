@@ -23,7 +23,8 @@ from expertyard.experts.policies import hobbit as hobbit_module
 from expertyard.experts.precision import FULL, LOW, SKIP, PrecisionThresholds
 from expertyard.trace import Trace, save_trace
 from expertyard.trace.fit_hobbit import fit, grid, moves, slice_trace, split_at_sequence, to_weights
-from expertyard.trace.mixed_simulate import byte_ratio, pool_slots, simulate_mixed, standin_weights, trace_levels
+from expertyard.experts.offload.budget import split_pools
+from expertyard.trace.mixed_simulate import byte_ratio, simulate_mixed, standin_weights, trace_levels
 from expertyard.trace.simulate import Predictions, SimulationError, simulate
 
 from test_trace_simulate import random_trace
@@ -232,11 +233,11 @@ def test_missing_weights_file_and_bad_values():
 def test_pool_sizes_and_byte_ratio():
     assert byte_ratio(4, 2048, 1408) == (0.28125, "packed int4 G64 layout, D=2048 I=1408")
     assert byte_ratio(4)[0] == 4.5 / 16 and byte_ratio(8)[0] == 8.5 / 16
-    assert pool_slots(16, 0.25, 0.28125, 4) == (12, 14) and pool_slots(416, 0.25, 0.28125, 6) == (312, 369)
-    with pytest.raises(SimulationError, match="each pool must hold the 4 experts"):
-        pool_slots(5, 0.25, 0.28125, 4)
+    assert split_pools(16, 0.28125, 0.25, 4) == (12, 14) and split_pools(416, 0.28125, 0.25, 6) == (312, 369)
+    with pytest.raises(ConfigError, match="must hold the 4 experts"):
+        split_pools(5, 0.28125, 0.25, 4)
     with pytest.raises(ConfigError, match="--low-pool-fraction 1.0"):
-        pool_slots(16, 1.0, 0.28, 4)
+        split_pools(16, 0.28, 1.0, 4)
 
 
 def test_mixed_counters_count_every_request_once():
@@ -324,14 +325,15 @@ def test_simulate_precision_full_is_todays_simulate(tmp_path, capsys):
     before = {("lru", 1, False): (448, 1952, 0, 0, 0, 0), ("lru", 1, True): (1894, 506, 1497, 1497, 0, 1497),
               ("lru", 3, False): (23, 2031, 0, 0, 0, 0), ("lfu", 1, False): (473, 1927, 0, 0, 0, 0),
               ("lfu", 1, True): (1840, 560, 1446, 1446, 0, 1446), ("lfu", 3, False): (250, 1804, 0, 0, 0, 0),
-              ("layer-distance", 1, False): (585, 1815, 0, 0, 0, 0),
-              ("layer-distance", 3, False): (352, 1702, 0, 0, 0, 0), ("belady", 1, False): (1223, 1177, 0, 0, 0, 0),
+              # layer-distance measures from the layer of the visit (`on_visit`), no longer from the previous one
+              ("layer-distance", 1, False): (608, 1792, 0, 0, 0, 0),
+              ("layer-distance", 3, False): (353, 1701, 0, 0, 0, 0), ("belady", 1, False): (1223, 1177, 0, 0, 0, 0),
               ("belady", 1, True): (2002, 398, 902, 902, 0, 902), ("belady", 3, False): (762, 1292, 0, 0, 0, 0)}
     for (policy, batch, oracle), want in before.items():
         r = simulate(t, policy, 16, Predictions.oracle(2) if oracle else None, batch)
         assert (r.hits, r.misses, r.prefetches, r.prefetch_hits, r.wasted_prefetches, r.prefetch_hits_on_time) == want
     save_trace(tmp_path / "t.npz", t)
-    args = ["simulate", "--trace", str(tmp_path / "t.npz"), "--cache-experts", "16", "--json"]
+    args = ["simulate", "--trace", str(tmp_path / "t.npz"), "--cache-experts", "16", "--policy", "lru", "--json"]
     assert main(args) == 0
     plain = json.loads(capsys.readouterr().out)
     assert main(args + ["--precision", "full"]) == 0
@@ -342,7 +344,7 @@ def test_simulate_mixed_fit_and_policy_weights_commands(tmp_path, capsys):
     t = random_trace(tokens=160, layers=4, experts=16, k=2, seqs=4, seed=2)
     save_trace(tmp_path / "t.npz", t)
     base = ["simulate", "--trace", str(tmp_path / "t.npz")]
-    assert main(base + ["--precision", "mixed", "--cache-experts", "12", "--predictor", "oracle",
+    assert main(base + ["--precision", "mixed", "--cache-experts", "12", "--predictor", "oracle", "--policy", "lru",
                         "--adaptive-prefetch", "--json"]) == 0
     o = json.loads(capsys.readouterr().out)
     run, bound = o["runs"]

@@ -184,3 +184,26 @@ def test_eval_agreement_is_total_when_every_miss_loads_full_precision(tmp_path, 
     assert r["offload"]["pairs_low_fraction"] == 0.0 and r["offload"]["misses"] > 0
     assert main(["eval", "--synthetic", "olmoe-1b-7b", "--num-layers", "1"]) == 2
     assert "--agreement-tokens" in capsys.readouterr().err
+
+
+def test_engine_and_simulator_split_the_expert_cache_alike():
+    """The engine's two pools (built from an OffloadConfig) are what `expertyard simulate --low-precision` assumes
+    for the same budget: the same byte ratio and the same split function."""
+    from expertyard.experts.offload.budget import split_pools
+    from expertyard.experts.offload.config import OffloadConfig
+    from expertyard.synthetic import build_synthetic
+    from expertyard.trace.mixed_simulate import byte_ratio
+
+    loaded = build_synthetic("olmoe-1b-7b", num_layers=1, device="cpu", dtype=torch.bfloat16,
+                             backend_factory=HostLoadedExperts.factory())
+    cfg = loaded.config
+    for fraction, low_fraction in ((0.25, 0.25), (0.5, 0.4), (0.8, 0.1)):
+        offload = OffloadConfig(expert_cache_fraction=fraction, low_precision_bits=4, low_pool_fraction=low_fraction,
+                                cpu_compute="off")
+        engine = LLMEngine(loaded, None, EngineConfig(max_num_seqs=1, max_model_len=16, cuda_graphs=False,
+                                                      offload=offload), eos_token_ids=set())
+        backend = engine.model.experts
+        ratio, _ = byte_ratio(4, cfg.hidden_size, cfg.moe.intermediate_size)
+        assert ratio == backend.low.expert_bytes / backend.expert_bytes
+        assert split_pools(engine.offload_plan.slots, ratio, low_fraction, cfg.moe.top_k) == \
+            (backend.high.capacity, backend.low.capacity)

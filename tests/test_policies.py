@@ -3,6 +3,7 @@ for Belady, an exhaustive search over eviction choices; cache-state invariants u
 
 from __future__ import annotations
 
+import argparse
 import itertools
 from functools import lru_cache
 
@@ -12,7 +13,9 @@ from hypothesis import strategies as st
 
 from expertyard.errors import ConfigError
 from expertyard.experts.cache_state import ExpertCacheState
-from expertyard.experts.policies import POLICIES, BeladyPolicy, make_policy
+from expertyard.experts.policies import (DEFAULT_POLICY, ONLINE_POLICIES, POLICIES, BeladyPolicy, HobbitWeights,
+                                         ReusePolicy, make_policy, policy_from_args, save_hobbit_weights)
+from expertyard.experts.policies import reuse as reuse_mod
 from expertyard.trace.simulate import visit
 
 
@@ -162,7 +165,7 @@ class Checked:
         self.inner.on_evict(key)
 
 
-@pytest.mark.parametrize("policy", ["lru", "lfu", "belady"])
+@pytest.mark.parametrize("policy", ["lru", "lfu", "layer-distance", "reuse", "belady"])
 @settings(max_examples=60, deadline=None)
 @given(case=visit_traces(max_visits=30), data=st.data())
 def test_cache_state_invariants_with_prefetch(policy, case, data):
@@ -193,3 +196,119 @@ def test_cache_state_invariants_with_prefetch(policy, case, data):
     c = state.counters
     assert c.hits + c.misses == sum(len(e) for _, e in visits)
     assert c.prefetch_hits + c.wasted_prefetches <= c.prefetches
+
+
+# ---- reuse (the default) -----------------------------------------------------------------------------------
+def reuse_reference(visits, capacity: int, layers: int) -> list[tuple[int, int] | None]:
+    """The evicted key of every miss (None: a free slot), from the reuse policy's definition with the whole
+    history in lists: sweep of visit i = i // layers; m(a) = mean(R | bucket(R) >= a) - a over every reuse
+    distance R seen before the sweep began; evict max (d + n m(age), -last touch, -key)."""
+    max_age = reuse_mod.MAX_AGE
+    resident: set = set()
+    last_use: dict = {}
+    touch: dict = {}  # key -> (sweep, visit)
+    dists: list[int] = []
+    m_dists: list[int] = []
+    out = []
+    for i, (layer, experts) in enumerate(visits):
+        sweep = i // layers
+        if i % layers == 0:
+            m_dists = list(dists)
+        n = min(layers, i + 1)
+
+        def m(a):
+            rs = [r for r in m_dists if min(r, max_age) >= a]
+            return sum(rs) / len(rs) - a if rs else reuse_mod.UNKNOWN
+
+        keys = [(layer, e) for e in experts]
+        for key in keys:
+            if key not in resident:
+                if len(resident) < capacity:
+                    out.append(None)
+                else:
+                    def rank(k):
+                        d = (k[0] - layer - 1) % n
+                        a = sweep + (k[0] <= layer) - touch[k][0]
+                        return (d + n * m(min(a, max_age)), -touch[k][1], -k[0], -k[1])
+                    victim = max((k for k in resident if k not in keys), key=rank)
+                    resident.discard(victim)
+                    out.append(victim)
+                resident.add(key)
+            if key in last_use and last_use[key] < sweep:
+                dists.append(sweep - last_use[key])
+            last_use[key] = sweep
+            touch[key] = (sweep, i)
+    return out
+
+
+class Evictions:
+    def __init__(self, inner):
+        self.inner, self.log = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def victim(self, candidates, now):
+        v = self.inner.victim(candidates, now)
+        self.log.append(v)
+        return v
+
+
+@settings(max_examples=80, deadline=None)
+@given(case=visit_traces(max_layers=3, max_experts=6, max_visits=60))
+def test_reuse_evicts_as_its_definition_says(case):
+    visits, capacity, _ = case
+    layers = 1 + max(layer for layer, _ in visits)
+    policy = Evictions(make_policy("reuse"))
+    state = ExpertCacheState(capacity, policy)
+    got = []
+    for now, (layer, experts) in enumerate(visits):
+        for load in state.access(layer, experts, now):
+            got.append(load.evicted)
+        state.end_visit(layer, experts)
+    assert got == reuse_reference(visits, capacity, layers)
+
+
+def cyclic_hits(policy: str, tokens: int = 40, layers: int = 32, k: int = 2, slots: int = 62) -> list[int]:
+    """Hits per token when every token uses the same k experts at each of `layers` layers (64 > 62 slots)."""
+    state = ExpertCacheState(slots, make_policy(policy))
+    out, now = [], 0
+    for _ in range(tokens):
+        before = state.counters.hits
+        for layer in range(layers):
+            state.access(layer, list(range(k)), now)
+            state.end_visit(layer, list(range(k)))
+            now += 1
+        out.append(state.counters.hits - before)
+    return out
+
+
+def test_reuse_is_scan_resistant():
+    """A working set of 64 experts per token over 62 slots: LRU evicts what the next visit needs and never hits;
+    the default keeps a stable resident set and misses about what Belady misses."""
+    assert sum(cyclic_hits("lru")) == 0
+    hits = cyclic_hits(DEFAULT_POLICY)
+    assert all(h >= 60 for h in hits[2:]), hits
+    visits = [(layer, [0, 1]) for _ in range(40) for layer in range(32)]
+    belady = sum(run_state("belady", visits, 62)[0])
+    assert 40 * 64 - sum(hits) <= 1.3 * belady, (40 * 64 - sum(hits), belady)
+
+
+def test_default_policy_is_online_and_registered():
+    assert DEFAULT_POLICY == "reuse" and POLICIES[DEFAULT_POLICY].online
+    assert "belady" not in ONLINE_POLICIES and set(ONLINE_POLICIES) | {"belady"} == set(POLICIES)
+
+
+def test_the_factory_checks_each_class_parameters(tmp_path):
+    with pytest.raises(ConfigError, match="'reuse' takes no parameter 'weights'"):
+        make_policy("reuse", weights="w.json")
+    with pytest.raises(ConfigError, match="lru.*no parameter 'future'"):
+        make_policy("lru", future=[])
+    args = argparse.Namespace(policy="lru", policy_weights=tmp_path / "w.json")
+    with pytest.raises(ConfigError, match="--policy-weights is for --policy hobbit, not lru"):
+        policy_from_args(args)
+    save_hobbit_weights(tmp_path / "hobbit-weights.json", HobbitWeights(1, 0, 0, 0))
+    beside = policy_from_args(argparse.Namespace(policy="hobbit", policy_weights=None), tmp_path)
+    assert beside.weights == HobbitWeights(1, 0, 0, 0)
+    assert policy_from_args(argparse.Namespace(policy="hobbit", policy_weights=None)).weights == HobbitWeights()
+    assert isinstance(policy_from_args(argparse.Namespace(policy="reuse", policy_weights=None)), ReusePolicy)

@@ -24,7 +24,9 @@ from expertyard.trace.simulate import (Predictions, SimulationError, capacity_fo
 
 from conftest import SHARED
 
-DEEPSEEK = SHARED / "data" / "traces" / "deepseek-v2-lite.prefill.a.npz"
+DEEPSEEK = next((d / "data" / "traces" / "deepseek-v2-lite.prefill.a.npz" for d in (
+    SHARED, Path(__file__).resolve().parents[1] / ".." / "shared", Path("/work/shared"))
+    if (d / "data" / "traces" / "deepseek-v2-lite.prefill.a.npz").is_file()), SHARED / "data" / "traces" / "none")
 
 
 def random_trace(tokens=60, layers=3, experts=8, k=2, seqs=4, hidden=None, seed=0) -> Trace:
@@ -181,12 +183,14 @@ class LoggedPredictor:
         return preds
 
 
-@pytest.mark.parametrize("policy,predictor", [("lru", "none"), ("lfu", "next-gate"), ("belady", "next-gate")])
+@pytest.mark.parametrize("policy,predictor", [("lru", "none"), ("lfu", "next-gate"), ("belady", "next-gate"),
+                                              ("reuse", "none"), ("reuse", "next-gate")])
 def test_simulator_matches_the_offloaded_engine(tiny_checkpoint, policy, predictor):
     """The engine's own visits (OffloadedExperts on the CPU: its load-first path, with batched prefill, eviction
     on every visit and next-gate prefetch) replayed by the simulator's `visit` give the engine's counters."""
     from expertyard.engine.sampling_params import SamplingParams
-    from expertyard.experts.offloaded import OffloadedExperts
+    from expertyard.experts.offload.build import full_precision_backend
+    from expertyard.experts.offload.host_loader import HostLoadedExperts
     from expertyard.experts.policies import BeladyPolicy
     from expertyard.experts.predictors import NextGatePredictor, NoPredictor
 
@@ -194,11 +198,10 @@ def test_simulator_matches_the_offloaded_engine(tiny_checkpoint, policy, predict
     prompts, params = [[5, 9, 14, 3], [7, 7, 21]], SamplingParams(temperature=0, max_tokens=8)
 
     def run(make_policy_):
-        loaded = load_model(path, "cpu", torch.float32, progress=False,
-                            backend_factory=lambda c, d, t: OffloadedExperts(c, d, t))
-        backend = loaded.model.experts
+        loaded = load_model(path, "cpu", torch.float32, progress=False, backend_factory=HostLoadedExperts.factory())
         pred = LoggedPredictor(NextGatePredictor(loaded.model, 2) if predictor == "next-gate" else NoPredictor())
-        backend.configure(5, make_policy_(), pred)
+        backend = full_precision_backend(loaded.model, 5, make_policy_(), pred)
+        loaded.model.set_expert_backend(backend)
         backend.visits = []
         LLMEngine(loaded, None, EngineConfig(max_num_seqs=2, max_model_len=64, cuda_graphs=False),
                   eos_token_ids=set()).generate(prompts, params)
@@ -256,7 +259,7 @@ def test_split_documents():
 
 
 # ---- commands -----------------------------------------------------------------------------------------------
-def test_trace_and_simulate_commands_on_the_bundled_model(tmp_path, capsys, monkeypatch):
+def test_trace_and_simulate_commands_on_the_bundled_model(tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text("Once upon a time there was a cat.<|endoftext|>The dog ran to the park and played.\n"
                     "<|endoftext|>Lily and Tom went home.")
@@ -272,12 +275,18 @@ def test_trace_and_simulate_commands_on_the_bundled_model(tmp_path, capsys, monk
         r = json.loads(capsys.readouterr().out)
         assert r["expert_bytes"] == 3 * 256 * 256 * 2 and r["result"]["prefetches"] > 0
         assert r["belady_bound"]["policy"] == "belady" and r["belady_bound"]["prefetches"] == 0
-    monkeypatch.setitem(sys.modules, "expertyard.experts.predictors.trained", None)  # as if not installed
-    assert main(["simulate", "--trace", str(out), "--cache-experts", "8", "--predictor", "trained"]) == 2
-    assert "trained predictor is not available" in capsys.readouterr().err
     assert main(["simulate", "--trace", str(out), "--sweep", "--batch-size", "2"]) == 0
     table = capsys.readouterr().out
     assert table.count("lfu ") == 3 and "belady (bound, no prediction)" in table and "MB/token" in table
+    png = tmp_path / "curves.png"
+    assert main(["simulate", "--trace", str(out), "--sweep", "--fractions", "0.1,0.3,0.6,1", "--policies",
+                 "lru,reuse", "--plot", str(png), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["sweep"]
+    assert [r["policy"] for r in rows] == ["lru"] * 4 + ["reuse"] * 4 + ["belady"] * 4
+    bound = {r["capacity"]: r["misses"] for r in rows if r["policy"] == "belady"}
+    for r in rows:
+        assert r["misses_vs_belady"] == r["misses"] / bound[r["capacity"]] and r["misses_vs_belady"] >= 1
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -286,7 +295,7 @@ def test_trace_and_simulate_commands_on_the_bundled_model(tmp_path, capsys, monk
     (["--cache-experts", "1"], "cannot hold the 2 experts"),
     (["--cache-experts", "4", "--predictor", "next-gate"], "'hidden' is missing"),
     (["--cache-experts", "4", "--predictor", "oracle", "--prefetch-depth", "4"], "must be 1, 2 or 3"),
-    (["--sweep", "--cache-experts", "4"], "--sweep runs cache fractions"),
+    (["--sweep", "--cache-experts", "4"], "--sweep runs each of --fractions"),
     (["--cache-experts", "4", "--batch-size", "0"], "--batch-size 0 must be >= 1"),
 ])
 def test_simulate_errors_are_messages(tmp_path, capsys, argv, match):

@@ -10,10 +10,13 @@ from datetime import date
 from pathlib import Path
 
 from expertyard.errors import ConfigError
+from expertyard.experts.offload.budget import split_pools
+from expertyard.experts.policies import save_hobbit_weights
 from expertyard.experts.precision import PrecisionThresholds
 from expertyard.trace.fit_hobbit import MixedSetup, fit_and_compare, pmap
 from expertyard.trace.format import Trace
-from expertyard.trace.mixed_simulate import FULL_BITS, byte_ratio, pool_slots, simulate_mixed, trace_levels
+from expertyard.trace.mixed_simulate import FULL_BITS, byte_ratio, simulate_mixed, trace_levels
+from expertyard.trace.replay_inputs import SWEEP_FRACTIONS, load_predictions, model_config_for
 from expertyard.trace.simulate import capacity_for
 
 
@@ -38,17 +41,16 @@ def add_mixed_args(p: argparse.ArgumentParser) -> None:
 
 
 def _setup(args, trace: Trace, budget: int, levels, ratio: float) -> MixedSetup:
-    high, low = pool_slots(budget, args.low_pool_fraction, ratio, trace.top_k)
+    high, low = split_pools(budget, ratio, args.low_pool_fraction, trace.top_k)
     return MixedSetup(levels, high, low, args.low_precision_bits / FULL_BITS, ratio)
 
 
-def run_mixed(args, trace: Trace, full: Trace, policy_kwargs: dict) -> int:
-    from expertyard.entrypoints.simulate_cmd import SWEEP_FRACTIONS, load_predictions, model_config_for
-
+def run_mixed(args, trace: Trace, full: Trace, policy_kwargs: dict, model_path: Path) -> int:
+    """`model_path`: the model for predictors and shapes (--model, else the bundled one)."""
     if args.batch_size != 1:
         raise ConfigError(f"--precision mixed replays one token at a time; drop --batch-size {args.batch_size}")
     thresholds = PrecisionThresholds.parse(args.precision_thresholds)
-    cfg, _ = model_config_for(trace, args)
+    cfg, _ = model_config_for(trace, args.model, model_path)
     ratio, ratio_source = byte_ratio(args.low_precision_bits, cfg and cfg.hidden_size,
                                      cfg and cfg.moe.intermediate_size)
     levels, level_source = trace_levels(trace, thresholds, args.seed, offset=args.start_token)
@@ -65,7 +67,8 @@ def run_mixed(args, trace: Trace, full: Trace, policy_kwargs: dict) -> int:
         budgets = [capacity_for(trace, cache_fraction=f) for f in SWEEP_FRACTIONS]
     else:
         budgets = [capacity_for(trace, args.cache_experts, args.cache_fraction)]
-    predictions = load_predictions(trace, args)
+    predictions = load_predictions(trace, args.trace, args.predictor, args.prefetch_depth, model_path,
+                                   args.predictor_path, progress=not args.json)
     policies = (["lru", "lfu", "hobbit", "belady"] if args.sweep else
                 [args.policy] + ([] if args.policy == "belady" else ["belady"]))
     jobs = [(b, p) for b in budgets for p in policies]
@@ -99,8 +102,6 @@ def _fit(args, trace: Trace, levels, ratio: float, out: dict) -> int:
                                      "low_pool_fraction", "levels_source")}
     fitted_on |= {"budget_experts": budget, "high_slots": setup.high_slots, "low_slots": setup.low_slots,
                   "calibration_tokens": report["calibration_tokens"], "date": date.today().isoformat()}
-    from expertyard.experts.policies import save_hobbit_weights
-
     penalty = {k: report[k] for k in ("units", "calibration", "held_out", "held_out_tokens",
                                       "held_out_full_precision_misses_per_token")}
     save_hobbit_weights(args.fit_weights, result.weights, fitted_on, penalty)

@@ -73,6 +73,7 @@ class ExpertCacheState:
         """Use `experts` of `layer` at visit `now`: returns the loads the misses need (in order). The experts
         stay protected until `end_visit`. Raises if the cache cannot hold one visit's experts."""
         keys = [(layer, e) for e in dict.fromkeys(experts)]
+        self.policy.on_visit(layer, now)
         for wrong in [k for k in self._prefetched_unused if k[0] == layer and k not in keys]:
             self.protected.discard(wrong)  # this layer's routing is known now: its mispredictions may go
         self.protected.update(keys)

@@ -54,19 +54,6 @@ def byte_ratio(bits: int, hidden: int | None = None, inter: int | None = None) -
     return (bits + 0.5) / FULL_BITS, f"(bits + 0.5) / 16: int{bits}, fp16 scale and minimum per {GROUP} weights"
 
 
-def pool_slots(budget: int, low_fraction: float, ratio: float, top_k: int) -> tuple[int, int]:
-    """(high slots, low slots) from a budget of `budget` full-precision experts (module docstring)."""
-    if not 0 < low_fraction < 1:
-        raise ConfigError(f"--low-pool-fraction {low_fraction} must be in (0, 1)")
-    high = int(np.floor((1 - low_fraction) * budget))
-    low = int(np.floor((budget - high) / ratio + 1e-9))
-    if high < top_k or low < top_k:
-        raise SimulationError(f"a budget of {budget} experts split {1 - low_fraction:.2f}/{low_fraction:.2f} gives "
-                              f"{high} full-precision and {low} low-precision slots; each pool must hold the "
-                              f"{top_k} experts of one token: raise --cache-fraction or change --low-pool-fraction")
-    return high, low
-
-
 def standin_weights(trace: Trace, seed: int = 0, sigma: float = STANDIN_SIGMA, offset: int = 0) -> np.ndarray:
     """Gate weights [T, L, K] for a trace that did not record them (an ASSUMPTION, not routing data): per
     (token, layer), E router logits drawn i.i.d. N(0, sigma^2), softmax, the top K, and these K weights given to the

@@ -22,6 +22,7 @@ import numpy as np
 from expertyard.errors import ConfigError, ExpertyardError
 from expertyard.experts.cache_state import ExpertCacheState, Load
 from expertyard.experts.policies import make_policy
+from expertyard.trace.fast_replay import KERNELS, fast_replay
 from expertyard.trace.format import Trace
 
 # T = tokens, L = MoE layers, K = experts per token, d = prefetch depth
@@ -230,16 +231,33 @@ def by_layer(predicted: list[tuple[int, int]]) -> list[tuple[int, list[int]]]:
     return list(groups.items())
 
 
+def can_replay_fast(policy: str, predictions: Predictions | None = None, policy_kwargs: dict | None = None,
+                    adaptive: bool = False) -> bool:
+    """Whether `simulate` can use the compiled replay (`trace.fast_replay`): a policy with a kernel, no
+    prefetch, no policy parameters."""
+    return policy in KERNELS and predictions is None and not adaptive and not policy_kwargs
+
+
 def simulate(trace: Trace, policy: str, capacity: int, predictions: Predictions | None = None,
              batch_size: int = 1, predictor_name: str | None = None, policy_kwargs: dict | None = None,
-             adaptive: bool = False) -> SimResult:
+             adaptive: bool = False, fast: bool | None = None) -> SimResult:
     """Replay `trace` through an `ExpertCacheState` of `capacity` slots with `policy` (lru, lfu, hobbit, belady;
     `policy_kwargs` e.g. hobbit's weights). `adaptive`: HOBBIT's adaptive prefetch (`mixed_cache.adaptive_prefetch`:
-    a deeper layer's predictions only while the nearer ones were all cached) instead of every predicted layer."""
-    if adaptive:
-        from expertyard.experts.mixed_cache import adaptive_prefetch  # imports torch (precision levels)
+    a deeper layer's predictions only while the nearer ones were all cached) instead of every predicted layer.
+    `fast`: the compiled replay, with the same results (None: whenever `can_replay_fast`; False: the Python
+    classes, the reference)."""
     if capacity < trace.top_k:
         raise SimulationError(f"a cache of {capacity} slots cannot hold the {trace.top_k} experts of one token")
+    eligible = can_replay_fast(policy, predictions, policy_kwargs, adaptive)
+    if fast and not eligible:
+        raise ConfigError(f"the compiled replay runs {', '.join(KERNELS)} without prefetch or policy parameters, "
+                          f"not {policy!r} with these options; replay it in Python (fast=False)")
+    if eligible and fast is not False:
+        hits, misses, releases, n = fast_replay(trace, policy, capacity, batch_size, schedule)
+        return SimResult(policy, capacity, predictor_name or "none", 0, batch_size, trace.num_tokens, n, hits,
+                         misses, 0, 0, 0, 0, releases)
+    if adaptive:
+        from expertyard.experts.mixed_cache import adaptive_prefetch  # imports torch (precision levels)
     kwargs = dict(policy_kwargs or {})
     if policy == "belady":
         kwargs["future"] = ((layer, experts) for layer, experts, _, _ in visits(trace, batch_size))

@@ -21,16 +21,14 @@ from expertyard.experts.offload.host_loader import HostLoadedExperts
 from expertyard.experts.offload.hybrid import HybridExecutor
 from expertyard.experts.offload.slot_pool import FullPrecisionPool, LowPrecisionPool
 from expertyard.experts.offload.transfer import TransferEngine
-from expertyard.experts.policies import CachePolicy, make_policy
-from expertyard.experts.policies.hobbit_weights import load_hobbit_weights
+from expertyard.experts.policies import DEFAULT_POLICY, CachePolicy, policy_from_args
 from expertyard.experts.precision import PrecisionThresholds
-from expertyard.experts.predictors import load_predictor
-from expertyard.experts.predictors.base import Predictor, TraceOraclePredictor
+from expertyard.experts.predictors import make_predictor as registry_predictor
+from expertyard.experts.predictors.base import Predictor
 from expertyard.quant.low_store import LowPrecisionStore
 from expertyard.quant.packed_expert import ExpertLayout
 from expertyard.quant.store import file_name
 
-DEFAULT_POLICY = "lru"
 DEFAULT_PREDICTOR = "none"  # measured: prediction on a busy link delays demand copies (docs/offloading.md)
 
 
@@ -134,20 +132,11 @@ def _low_precision_store(model: nn.Module, host: HostLoadedExperts, cfg: Offload
                                       progress=cfg.progress)
 
 
-def make_cache_policy(cfg: OffloadConfig, model_dir: Path | None):
-    name = cfg.policy or DEFAULT_POLICY
-    if name != "hobbit":
-        return make_policy(name)
-    path = cfg.policy_weights
-    if path is None and model_dir is not None and (Path(model_dir) / "hobbit-weights.json").is_file():
-        path = Path(model_dir) / "hobbit-weights.json"
-    return make_policy("hobbit", weights=load_hobbit_weights(path)) if path else make_policy("hobbit")
+def make_cache_policy(cfg: OffloadConfig, model_dir: Path | None) -> CachePolicy:
+    """The policy `cfg.policy` (default: the registry's), its parameters from `cfg` or files beside the model."""
+    return policy_from_args(cfg, model_dir, name=cfg.policy or DEFAULT_POLICY)
 
 
-def make_predictor(cfg: OffloadConfig, model: nn.Module, model_dir: Path | None):
-    name, depth = cfg.predictor or DEFAULT_PREDICTOR, cfg.prefetch_depth
-    if name == "oracle":
-        if model.forced_routing is None:
-            raise ConfigError("--predictor oracle reads the future of a --routing-trace; give one")
-        return TraceOraclePredictor(model.forced_routing, list(model.cfg.moe_layers), depth)
-    return load_predictor(name, model, model_dir, depth, cfg.predictor_path)
+def make_predictor(cfg: OffloadConfig, model: nn.Module, model_dir: Path | None) -> Predictor:
+    return registry_predictor(cfg.predictor or DEFAULT_PREDICTOR, model, model_dir, cfg.prefetch_depth,
+                              cfg.predictor_path)

@@ -12,7 +12,7 @@ from typing import Literal
 
 from expertyard.errors import ConfigError
 from expertyard.experts.cpu.threads import logical_cpus
-from expertyard.experts.policies import POLICIES
+from expertyard.experts.policies import ONLINE_POLICIES
 from expertyard.experts.predictors import PREDICTOR_NAMES
 
 PrecisionMode = Literal["full", "mixed", "low"]
@@ -111,11 +111,12 @@ class OffloadConfig:
                               "--cpu-compute off turns off; drop them or use --cpu-compute auto")
 
     def _check_names(self) -> None:
-        if self.policy is not None and self.policy not in POLICIES:
-            raise ConfigError(f"--policy {self.policy!r}: choose one of {', '.join(sorted(POLICIES))}")
+        if self.policy is not None and self.policy not in ONLINE_POLICIES:
+            raise ConfigError(f"--policy {self.policy!r}: choose one of {', '.join(sorted(ONLINE_POLICIES))} "
+                              "(belady reads the future: it is for `expertyard simulate`)")
         if self.policy_weights is not None and self.policy != "hobbit":
             raise ConfigError(f"--policy-weights is for --policy hobbit, not {self.policy or 'the default'}")
-        names = [*PREDICTOR_NAMES, "oracle"]
+        names = PREDICTOR_NAMES
         if self.predictor is not None and self.predictor not in names:
             raise ConfigError(f"--predictor {self.predictor!r}: choose one of {', '.join(names)}")
 

@@ -4,7 +4,7 @@ from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
 
-from expertyard.experts.policies.base import CachePolicy, ExpertKey
+from expertyard.experts.policies.base import CachePolicy, ExpertKey, Param
 
 NEVER = 1 << 62  # next use of an expert that is not used again
 
@@ -18,6 +18,8 @@ class BeladyPolicy(CachePolicy):
     """
 
     name = "belady"
+    params = (Param("future", "every visit in order: (layer, experts it uses); the simulator passes it", kind=list),)
+    online = False
 
     def __init__(self, future: Iterable[tuple[int, Iterable[int]]]):
         uses: dict[ExpertKey, array] = {}  # key -> sorted visit indices where it is used

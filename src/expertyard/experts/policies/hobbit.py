@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from expertyard.experts.policies.base import CachePolicy, ExpertKey
+from expertyard.experts.policies.base import CachePolicy, ExpertKey, Param
 from expertyard.experts.policies.hobbit_weights import HobbitWeights, load_hobbit_weights
 SMALL = 24  # candidates up to this many are scored in Python floats (numpy's per-call cost dominates)
 FULL = 0  # expertyard.experts.precision.FULL (not imported: policies stay free of torch)
@@ -45,6 +45,8 @@ FULL = 0  # expertyard.experts.precision.FULL (not imported: policies stay free 
 
 class HobbitPolicy(CachePolicy):
     name = "hobbit"
+    params = (Param("weights", "weights file (`expertyard simulate --fit-weights`); None: equal weights, or "
+                    "hobbit-weights.json beside the model", flag="policy_weights", beside_model="hobbit-weights.json"),)
 
     def __init__(self, weights: HobbitWeights | str | Path | None = None):
         if weights is None:

@@ -19,12 +19,16 @@ class LayerDistancePolicy(CachePolicy):
     def __init__(self):
         self.last_use: dict[ExpertKey, int] = {}
         self.layers: list[int] = []  # MoE layers seen, sorted
-        self.current = 0  # layer of the latest access
+        self.current = 0  # layer of the current visit (or of the latest access, for a cache without visits)
 
     def _see(self, layer: int) -> None:
         i = bisect.bisect_left(self.layers, layer)
         if i == len(self.layers) or self.layers[i] != layer:
             self.layers.insert(i, layer)
+
+    def on_visit(self, layer: int, now: int) -> None:
+        self._see(layer)
+        self.current = layer
 
     def on_access(self, key: ExpertKey, now: int) -> None:
         self._see(key[0])

@@ -1,27 +1,14 @@
-"""Predictors by name: none, next-gate (training-free), trained (`expertyard pregate fit`)."""
+"""Predictors by name (`registry.PREDICTORS`): none, next-gate (training-free), trained (`expertyard pregate
+fit`), oracle (a forced routing trace). `make_predictor` builds any of them."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from expertyard.errors import ConfigError
-from expertyard.experts.predictors.base import NoPredictor, Predictor
+from expertyard.experts.predictors.base import NoPredictor, Predictor, TraceOraclePredictor
 from expertyard.experts.predictors.linear_gate import NextGatePredictor, StackedGatePredictor
+from expertyard.experts.predictors.registry import PREDICTOR_NAMES, PREDICTORS, PredictorEntry, make_predictor
 from expertyard.experts.predictors.trained import TrainedPredictor
 
-PREDICTOR_NAMES = ["none", "next-gate", "trained"]
+load_predictor = make_predictor  # the name earlier releases used
 
-
-def load_predictor(name: str, model, model_dir: Path | None, depth: int, path: Path | None = None) -> Predictor:
-    """The predictor called `name` for `model`; "trained" reads `path`, else `model_dir/pregate.safetensors`."""
-    if name == "none":
-        return NoPredictor(depth)
-    if name == "next-gate":
-        return NextGatePredictor(model, depth)
-    if name == "trained":
-        return TrainedPredictor.load(model_dir, model, depth, path)
-    raise ConfigError(f"unknown predictor {name!r}; choose one of {', '.join(PREDICTOR_NAMES)}")
-
-
-__all__ = ["NoPredictor", "Predictor", "NextGatePredictor", "StackedGatePredictor", "TrainedPredictor",
-           "PREDICTOR_NAMES", "load_predictor"]
+__all__ = ["NoPredictor", "Predictor", "NextGatePredictor", "PREDICTORS", "PREDICTOR_NAMES", "PredictorEntry",
+           "StackedGatePredictor", "TraceOraclePredictor", "TrainedPredictor", "load_predictor", "make_predictor"]

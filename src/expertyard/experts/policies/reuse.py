@@ -1,0 +1,115 @@
+"""Reuse-distance eviction: an online estimate of Belady's "farthest next use".
+
+Belady evicts the expert whose next use is farthest in the future. This policy estimates that time from what
+it has seen so far, in layer visits:
+
+    next_use(k) = d(k) + n * m(a(k))
+
+  d(k)  visits until k's layer runs again: (pos(layer of k) - pos(current layer) - 1) mod n, n the MoE layers
+        seen so far, pos() the index among them (0: the next layer). Exact: layers run in a cycle.
+  a(k)  k's age, in sweeps (a sweep: one pass over the MoE layers, one decode step or prefill token), at the
+        next sweep k's layer can run: sweep(k's next chance) - sweep of k's last use or load.
+  m(a)  expected sweeps still to wait for an expert of age a, learned online from every reuse seen so far:
+        m(a) = mean(R - a | R >= a) over the reuse distances R (sweeps between two uses of the same expert),
+        from a histogram of R (distances above MAX_AGE pooled, with their exact sum).
+
+Ties (equal estimate): the oldest last touch (use or load), then the smallest key. The histogram's table m is
+recomputed once per sweep, in float64, from integer counts, so the numba replay (`trace.fast_replay`)
+computes bit-identical estimates.
+
+Scan resistance: when one sweep needs more experts than the cache holds, every resident expert has the same
+age and the same m; d then decides, so the experts of the layer just computed (needed again last) are evicted
+and the rest stay resident, where LRU evicts exactly the experts of the next layers and misses everything.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterable
+
+from expertyard.experts.policies.base import CachePolicy, ExpertKey
+
+MAX_AGE = 128  # reuse distances above this many sweeps share one histogram bucket (their exact sum is kept)
+UNKNOWN = float(MAX_AGE)  # m(a) for an age with no reuse seen yet: far (evict first)
+
+
+def expected_wait(hist: list[int], sums: list[int]) -> list[float]:
+    """m[a] for a = 0..MAX_AGE from hist[r] (reuses at distance r >= 1; r = MAX_AGE: r >= MAX_AGE) and sums[r]
+    (the sum of those distances): mean(R | R >= a) - a, UNKNOWN where no reuse that long was seen."""
+    m = [UNKNOWN] * (MAX_AGE + 1)
+    s, w = 0, 0
+    for a in range(MAX_AGE, -1, -1):
+        s += sums[a]
+        w += hist[a]
+        if w:
+            m[a] = s / w - a
+    return m
+
+
+class ReusePolicy(CachePolicy):
+    name = "reuse"
+
+    def __init__(self):
+        self.layers: list[int] = []  # MoE layers seen, sorted
+        self.pos: dict[int, int] = {}  # layer -> index in self.layers
+        self.layer = -1  # layer of the current visit
+        self.visit = -1  # `now` of the current visit
+        self.sweep = 0
+        self.last_use: dict[ExpertKey, int] = {}  # sweep of the key's latest use (kept after eviction)
+        self.last_touch: dict[ExpertKey, tuple[int, int]] = {}  # resident key -> (sweep, now) of its latest use/load
+        self.hist = [0] * (MAX_AGE + 1)
+        self.sums = [0] * (MAX_AGE + 1)
+        self.m = expected_wait(self.hist, self.sums)
+
+    def _see(self, layer: int) -> None:
+        if layer not in self.pos:
+            i = bisect_left(self.layers, layer)
+            self.layers.insert(i, layer)
+            self.pos = {lay: p for p, lay in enumerate(self.layers)}
+
+    def on_visit(self, layer: int, now: int) -> None:
+        if now == self.visit and layer == self.layer:
+            return  # the same visit again (a visit accessed in groups)
+        if self.visit >= 0 and layer <= self.layer:
+            self.sweep += 1
+            self.m = expected_wait(self.hist, self.sums)
+        self._see(layer)
+        self.layer, self.visit = layer, now
+
+    def on_access(self, key: ExpertKey, now: int) -> None:
+        if key[0] != self.layer or self.visit < 0:
+            self.on_visit(key[0], now)  # a cache that does not announce visits
+        last = self.last_use.get(key)
+        if last is not None and last < self.sweep:
+            r = self.sweep - last
+            b = min(r, MAX_AGE)
+            self.hist[b] += 1
+            self.sums[b] += r
+        self.last_use[key] = self.sweep
+        self.last_touch[key] = (self.sweep, now)
+
+    def on_insert(self, key: ExpertKey, now: int) -> None:
+        self._see(key[0])
+        self.last_touch[key] = (self.sweep, now)
+
+    def on_evict(self, key: ExpertKey) -> None:
+        self.last_touch.pop(key, None)
+
+    def estimate(self, key: ExpertKey) -> float:
+        """Expected visits until `key` is used again (the eviction score: the largest goes)."""
+        n, pos = len(self.layers), self.pos
+        cur = pos.get(self.layer, -1)
+        p = pos[key[0]]
+        d = (p - cur - 1) % n
+        chance = self.sweep if p > cur else self.sweep + 1
+        a = chance - self.last_touch[key][0]
+        return d + n * self.m[min(a, MAX_AGE)]
+
+    def victim(self, candidates: Iterable[ExpertKey], now: int) -> ExpertKey:
+        best, best_rank = None, None
+        for k in candidates:
+            t = self.last_touch[k]
+            rank = (self.estimate(k), -t[1], -k[0], -k[1])
+            if best_rank is None or rank > best_rank:
+                best, best_rank = k, rank
+        return best
