@@ -28,14 +28,14 @@ def add_parser(sub) -> None:
     add_model_args(p, synthetic=True)
     add_offload_args(p)
     add_disagg_args(p, bench=True)
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per sequence")
+    p.add_argument("--decode-tokens", type=int, default=64, help="tokens decoded per sequence")
     p.add_argument("--batch-sizes", default="1,32", help="comma-separated")
     p.add_argument("--compare", choices=["transformers", "accelerate"], default=None,
                    help="also run transformers' generate on the same weights, in the same process "
                         "(accelerate: with --offload, transformers + accelerate offload under the same GPU budget)")
     p.add_argument("--compare-decode-tokens", type=int, default=8, help="tokens the accelerate baseline decodes")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompt token ids")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON result here")
     p.set_defaults(func=run)
 

@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
                    help="UTF-8 text; documents separated by <|endoftext|>, cut at paragraph breaks into ~2000-char chunks")
     f.add_argument("--depth", type=int, default=3, choices=[1, 2, 3], help="MoE layers predicted ahead")
     f.add_argument("--max-tokens", type=int, default=100_000, help="tokens of text to run (10%% of documents held out)")
-    f.add_argument("--epochs", type=int, default=10)
+    f.add_argument("--epochs", type=int, default=10, help="passes over the training documents")
     f.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
     f.add_argument("--loss", choices=LOSSES, default=LOSSES[0],
                    help="topk-ce: cross-entropy to the true top-k gate probabilities; kl: to the whole router softmax")

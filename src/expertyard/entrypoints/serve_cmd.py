@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
     add_disagg_args(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network")
-    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     g.add_argument("--api-key", default=os.environ.get("EXPERTYARD_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $EXPERTYARD_API_KEY, else none)")
     g.add_argument("--served-model-name", default=None,
@@ -34,7 +34,8 @@ def add_parser(sub) -> None:
     g.add_argument("--warmup", choices=["auto", "on", "off"], default="auto",
                    help="before serving, run prompts of every size a step can hold, so that kernel compiles happen "
                         "at start-up and not under load (auto: on CUDA only)")
-    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="info: one access line per request (method, path, status, tokens, latency)")
     p.set_defaults(func=run, max_num_seqs=32)
 
 
