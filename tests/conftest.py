@@ -29,6 +29,49 @@ def _unfreeze_collector():
     gc.unfreeze()
 
 
+@pytest.fixture(scope="session")
+def bundled_engine():
+    """Engines of the bundled model, one per configuration, shared by the whole session (callers leave them
+    idle and as configured): bundled_engine(max_num_seqs=8, max_model_len=256, ...)."""
+    from servers import make_engine
+
+    cache: dict = {}
+
+    def get(**kw):
+        key = tuple(sorted(kw.items()))
+        if key not in cache:
+            cache[key] = make_engine(**kw)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def bundled_server():
+    """One server on its own bundled-model engine (synchronous scheduling, 8 sequences, 256 tokens), shared by
+    the tests that only send requests."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    from servers import RunningServer, make_engine
+
+    s = RunningServer(make_engine())
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def tool_template_server(tmp_path_factory):
+    """A server on the bundled model with a chat template that shows the model its tools."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    from servers import RunningServer, make_engine, tool_template_model
+
+    path = tool_template_model(tmp_path_factory.mktemp("tools"))
+    s = RunningServer(make_engine(max_num_seqs=2, max_model_len=512, path=path))
+    yield s
+    s.stop()
+
+
 def tiny_hf_config(name: str):
     import transformers as tf
 
