@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -182,6 +183,19 @@ BAD = [  # (name, endpoint, raw body or JSON, status, param, words in the messag
     ("no messages", "chat/completions", {"messages": []}, 400, "messages", "at least 1"),
     ("penalty", "completions", {"prompt": "x", "presence_penalty": 1.0}, 400, None, "presence_penalty"),
     ("huge seed", "completions", {"prompt": "x", "seed": 2**70}, 400, "seed", "less"),
+    ("unknown field", "completions", {"prompt": "x", "foo": 1}, 400, "foo", "unknown field"),
+    ("unknown chat field", "chat/completions", {"messages": [{"role": "user", "content": "x"}], "foo": 1}, 400, "foo",
+     "unknown field"),
+    ("unknown message field", "chat/completions", {"messages": [{"role": "user", "content": "x", "foo": 1}]}, 400,
+     "messages", "unknown field"),
+    ("null content", "chat/completions", {"messages": [{"role": "user", "content": None}]}, 400, "messages",
+     "content"),
+    ("tool message without id", "chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400,
+     "messages", "tool_call_id"),
+    ("auto tools on a template without them", "chat/completions", {"messages": [{"role": "user", "content": "x"}],
+     "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tool_choice", "template"),
+    ("repetition penalty", "completions", {"prompt": "x", "repetition_penalty": 1.2}, 400, None,
+     "repetition_penalty"),
 ]
 
 
@@ -194,6 +208,38 @@ def test_bad_input_gets_an_openai_error(server, name, endpoint, body, status, pa
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
     assert err["param"] == param and words.lower() in err["message"].lower(), err
+
+
+def test_null_max_tokens_means_the_default(client):
+    """OpenAI clients send "max_tokens": null for "not set": 16 on /v1/completions, the rest of the context on chat."""
+    out = client.completions.create(model="tiny-moe", prompt="Once upon a time", temperature=0, max_tokens=None,
+                                    extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 16 and out.choices[0].finish_reason == "length"
+    out = client.completions.create(model="tiny-moe", prompt="Once upon a time", temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 16
+
+
+def test_each_request_gets_one_access_line(server, client, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="expertyard.server.access"):
+        client.completions.create(model="tiny-moe", prompt="Once upon a time", max_tokens=5, temperature=0)
+        list(client.chat.completions.create(model="tiny-moe", messages=[{"role": "user", "content": "Hi"}],
+                                            max_tokens=3, temperature=0, stream=True))
+        httpx.post(server.url + "/v1/completions", json={"prompt": "x", "foo": 1},
+                   headers={"Authorization": f"Bearer {KEY}"})
+        assert server.idle()
+        deadline = time.time() + 5
+        while len(caplog.records) < 3 and time.time() < deadline:
+            time.sleep(0.02)
+    lines = [r.getMessage() for r in caplog.records if r.name == "expertyard.server.access"]
+    assert len(lines) == 3, lines
+    prompt_tokens = len(server.engine.encode("Once upon a time"))
+    assert '"POST /v1/completions" 200' in lines[0]
+    assert f"prompt_tokens={prompt_tokens} completion_tokens=5" in lines[0] and lines[0].endswith(" s")
+    assert '"POST /v1/chat/completions" 200' in lines[1] and "completion_tokens=3" in lines[1]
+    assert '"POST /v1/completions" 400' in lines[2] and "tokens" not in lines[2]
 
 
 def test_oversized_body_and_wrong_method(server):
