@@ -127,9 +127,9 @@ def run(args) -> int:
         if need > engine.max_model_len:
             raise ConfigError(f"--agreement-prompt-len + --agreement-tokens = {need} exceeds the model length "
                               f"{engine.max_model_len}")
-        ref_args = copy.copy(args)
-        ref_args.offload = False
-        reference = engine_from_args(ref_args, **config)
+        ref_args = copy.copy(args)  # the full-precision resident model, batched as usual (--token-by-token is
+        ref_args.offload, ref_args.low_precision, ref_args.precision = False, None, None  # for the engine under test)
+        reference = engine_from_args(ref_args)
         prompts = agreement_prompts(engine, tokens, args.agreement_prompts, args.agreement_prompt_len)
         result |= greedy_agreement(engine, reference, prompts, args.agreement_tokens)
         del reference
