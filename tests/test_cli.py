@@ -169,15 +169,20 @@ def test_eval_scores_the_shipped_heldout_text_by_default(capfd):
     assert heldout_text_path().stat().st_size < 200_000
 
 
-def test_eval_progress_bar_ends_its_line(capsys, bundled_engine):
-    """The loop breaks before the last window start: the bar must still be closed (newline) before the result."""
+def test_progress_bars_end_their_line(capsys, bundled_engine):
+    """Eval's loop breaks before the last window start: its bar must still be closed (newline) before the result;
+    the loading bar ends its line too, so that the next line does not land on it."""
     from expertyard.entrypoints.evaluate import perplexity
+    from expertyard.loader import load_model
 
     engine = bundled_engine()
     tokens = engine.encode("Once upon a time there was a little dog. " * 6)[:50]
     perplexity(engine, tokens, window=32, stride=16, progress=True)
     err = capsys.readouterr().err
     assert "eval" in err and err.endswith("\n")
+    load_model(bundled_model_path(), "cpu", torch.float32, progress=True)
+    err = capsys.readouterr().err
+    assert "loading tiny-moe" in err and err.endswith("\n")
 
 
 def test_pregate_fit_never_writes_into_the_package(tmp_path, monkeypatch):

@@ -77,6 +77,9 @@ def run(args) -> int:
         from expertyard.disagg.cli import serve
 
         return serve(args)
+    from expertyard.server.app import configure_logging
+
+    configure_logging(args.log_level)  # the access lines at info
     engine = engine_from_args(args, max_num_batched_tokens=args.max_num_batched_tokens)
     warm_up_if_asked(engine, args)
     app = build_app(engine, served_name(args), api_key=args.api_key or None, max_body_bytes=args.max_request_bytes)
