@@ -21,17 +21,21 @@ from expertyard.engine.sampling_params import SamplingParams  # noqa: E402
 
 
 @pytest.fixture(scope="module", params=["sync", "async"])
-def server(request):
-    """Every API test runs against an engine with async scheduling off, then on (the reference is synchronous)."""
-    s = RunningServer(make_engine(async_scheduling=request.param == "async"))
+def server(request, bundled_server):
+    """Every API test runs against an engine with async scheduling off (the session's shared server), then on (the
+    reference is synchronous)."""
+    if request.param == "sync":
+        yield bundled_server
+        return
+    s = RunningServer(make_engine(async_scheduling=True))
     yield s
     s.stop()
 
 
 @pytest.fixture(scope="module")
-def reference():
+def reference(bundled_engine):
     """Each prompt generated alone by a separate LLMEngine: what the server must return (greedy)."""
-    engine = make_engine(max_num_seqs=1)
+    engine = bundled_engine(max_num_seqs=1)
     cache: dict = {}
 
     def get(prompt, max_tokens: int = 16, **kw):
