@@ -83,3 +83,11 @@ def test_files_fitted_for_a_hub_model_or_the_bundled_one_go_to_the_user_cache(hu
     own = tmp_path / "my-model"
     own.mkdir()
     assert derived_files_dir(own) == own.resolve()
+
+
+def test_a_hub_model_is_served_under_its_id(hub_cache):
+    from expertyard.entrypoints.cli import build_parser
+    from expertyard.entrypoints.serve_cmd import served_name
+
+    assert served_name(build_parser().parse_args(["serve", "--model", "test-org/tiny-moe"])) == "test-org/tiny-moe"
+    assert served_name(build_parser().parse_args(["serve"])) == "tiny-moe"

@@ -10,6 +10,7 @@ import sys
 from expertyard.entrypoints.common import add_model_args, add_offload_args, engine_from_args
 from expertyard.disagg.flags import add_disagg_args
 from expertyard.errors import ConfigError
+from expertyard.loader.hub import is_hub_id
 
 
 def add_parser(sub) -> None:
@@ -44,6 +45,8 @@ def served_name(args) -> str:
         return args.served_model_name
     if getattr(args, "synthetic", None):
         return args.synthetic
+    if args.model is not None and not args.model.exists() and is_hub_id(str(args.model)):
+        return str(args.model)  # a hub id is served under its own name, as vLLM does
     return args.model.resolve().name if args.model else "tiny-moe"
 
 
