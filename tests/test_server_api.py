@@ -8,14 +8,13 @@ import math
 import time
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from servers import KEY, MAX_MODEL_LEN, RunningServer, make_engine  # noqa: E402,F401 (test_server_load imports them)
+from servers import KEY, MAX_MODEL_LEN, RunningServer, make_engine  # noqa: E402
 
 from expertyard.engine.sampling_params import SamplingParams  # noqa: E402
 
