@@ -190,6 +190,7 @@ def test_pregate_fit_never_writes_into_the_package(tmp_path, monkeypatch):
     reads it from there first (the one shipped beside the model otherwise)."""
     from expertyard.entrypoints.cli import build_parser
     from expertyard.entrypoints.pregate_cmd import _out_path
+    from expertyard.errors import ConfigError
     from expertyard.experts.predictors.trained import FILE_NAME, default_path
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -205,3 +206,7 @@ def test_pregate_fit_never_writes_into_the_package(tmp_path, monkeypatch):
     (own / "model.safetensors.index.json").write_text("{}")
     args = build_parser().parse_args(["pregate", "fit", "--text", "t.txt", "--model", str(own)])
     assert _out_path(args) == own.resolve() / FILE_NAME
+    missing = tmp_path / "no-such-model"  # a mistyped --model is an error, and no folder is made for it
+    with pytest.raises(ConfigError, match="does not exist"):
+        _out_path(build_parser().parse_args(["pregate", "fit", "--text", "t.txt", "--model", str(missing)]))
+    assert not missing.exists()

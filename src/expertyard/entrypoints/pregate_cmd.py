@@ -67,8 +67,11 @@ def _out_path(args) -> Path:
     if args.out is not None:
         out = args.out
     else:  # never into the installed package or a hub cache: those go to the user's cache folder
-        out = derived_files_dir(model_dir_of(args)) / FILE_NAME
-        out.parent.mkdir(parents=True, exist_ok=True)
+        model_dir = model_dir_of(args)
+        folder = derived_files_dir(model_dir)
+        if folder != Path(model_dir).resolve():  # the cache folder (a model's own folder is never created here)
+            folder.mkdir(parents=True, exist_ok=True)
+        out = folder / FILE_NAME
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise ConfigError(f"--out {out}: folder {parent} does not exist")
