@@ -1,16 +1,27 @@
-"""Tiny random models of every supported architecture, built and saved by transformers (the reference)."""
+"""Tiny random models of every supported architecture, built and saved by transformers (the reference); the
+bundled model's engines and servers, shared by the session."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import os
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import settings
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+def _shared_dir() -> Path:
+    """The developers' `shared/` folder beside the checkout (`../shared`); a git worktree one level further down
+    (`worktrees/NAME/`) finds it one level further up. Tests that need it skip when it is absent (a user's clone)."""
+    repo = Path(__file__).resolve().parents[1]
+    for candidate in (repo.parent / "shared", repo.parent.parent / "shared"):
+        if candidate.is_dir():
+            return candidate
+    return repo.parent / "shared"
+
+
+SHARED = _shared_dir()
 
 # CI (and a default run) explores the same hypothesis examples every time, so a red run is reproducible and a
 # green one stays green; HYPOTHESIS_PROFILE=explore draws new examples (run it when changing a tested module)
@@ -27,6 +38,49 @@ def _unfreeze_collector():
     import gc
 
     gc.unfreeze()
+
+
+@pytest.fixture(scope="session")
+def bundled_engine():
+    """Engines of the bundled model, one per configuration, shared by the whole session (callers leave them
+    idle and as configured): bundled_engine(max_num_seqs=8, max_model_len=256, ...)."""
+    from servers import make_engine
+
+    cache: dict = {}
+
+    def get(**kw):
+        key = tuple(sorted(kw.items()))
+        if key not in cache:
+            cache[key] = make_engine(**kw)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def bundled_server():
+    """One server on its own bundled-model engine (synchronous scheduling, 8 sequences, 256 tokens), shared by
+    the tests that only send requests."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    from servers import RunningServer, make_engine
+
+    s = RunningServer(make_engine())
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def tool_template_server(tmp_path_factory):
+    """A server on the bundled model with a chat template that shows the model its tools."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    from servers import RunningServer, make_engine, tool_template_model
+
+    path = tool_template_model(tmp_path_factory.mktemp("tools"))
+    s = RunningServer(make_engine(max_num_seqs=2, max_model_len=512, path=path))
+    yield s
+    s.stop()
 
 
 def tiny_hf_config(name: str):

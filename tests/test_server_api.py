@@ -5,82 +5,36 @@ from __future__ import annotations
 
 import json
 import math
-import socket
-import threading
 import time
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from expertyard.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
+from servers import KEY, MAX_MODEL_LEN, RunningServer, make_engine  # noqa: E402
+
 from expertyard.engine.sampling_params import SamplingParams  # noqa: E402
-from expertyard.entrypoints.common import bundled_model_path, load_tokenizer  # noqa: E402
-from expertyard.loader import load_model  # noqa: E402
-
-KEY = "test-key"
-MAX_MODEL_LEN = 256
-
-
-def make_engine(max_num_seqs: int = 8, max_model_len: int = MAX_MODEL_LEN, async_scheduling: bool = False) -> LLMEngine:
-    path = bundled_model_path()
-    return LLMEngine(load_model(path, "cpu", torch.float32, progress=False), load_tokenizer(path),
-                     EngineConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                                  async_scheduling=async_scheduling))
-
-
-class RunningServer:
-    """uvicorn in a thread, on a free loopback port."""
-
-    def __init__(self, engine: LLMEngine, api_key: str | None = KEY, max_body_bytes: int = 64 * 1024):
-        import uvicorn
-
-        from expertyard.server import build_app
-
-        self.engine = engine
-        self.app = build_app(engine, "tiny-moe", api_key=api_key, max_body_bytes=max_body_bytes)
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=5))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline and self.thread.is_alive(), "the server did not start"
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
-        self.sock.close()
-
-    def idle(self, timeout: float = 10.0) -> bool:
-        """True once the engine holds no sequence (waits for aborts to reach the engine thread)."""
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if not self.engine.scheduler.running and not self.engine.scheduler.waiting:
-                return True
-            time.sleep(0.02)
-        return False
 
 
 @pytest.fixture(scope="module", params=["sync", "async"])
-def server(request):
-    """Every API test runs against an engine with async scheduling off, then on (the reference is synchronous)."""
-    s = RunningServer(make_engine(async_scheduling=request.param == "async"))
+def server(request, bundled_server):
+    """Every API test runs against an engine with async scheduling off (the session's shared server), then on (the
+    reference is synchronous)."""
+    if request.param == "sync":
+        yield bundled_server
+        return
+    s = RunningServer(make_engine(async_scheduling=True))
     yield s
     s.stop()
 
 
 @pytest.fixture(scope="module")
-def reference():
+def reference(bundled_engine):
     """Each prompt generated alone by a separate LLMEngine: what the server must return (greedy)."""
-    engine = make_engine(max_num_seqs=1)
+    engine = bundled_engine(max_num_seqs=1)
     cache: dict = {}
 
     def get(prompt, max_tokens: int = 16, **kw):
@@ -232,6 +186,19 @@ BAD = [  # (name, endpoint, raw body or JSON, status, param, words in the messag
     ("no messages", "chat/completions", {"messages": []}, 400, "messages", "at least 1"),
     ("penalty", "completions", {"prompt": "x", "presence_penalty": 1.0}, 400, None, "presence_penalty"),
     ("huge seed", "completions", {"prompt": "x", "seed": 2**70}, 400, "seed", "less"),
+    ("unknown field", "completions", {"prompt": "x", "foo": 1}, 400, "foo", "unknown field"),
+    ("unknown chat field", "chat/completions", {"messages": [{"role": "user", "content": "x"}], "foo": 1}, 400, "foo",
+     "unknown field"),
+    ("unknown message field", "chat/completions", {"messages": [{"role": "user", "content": "x", "foo": 1}]}, 400,
+     "messages", "unknown field"),
+    ("null content", "chat/completions", {"messages": [{"role": "user", "content": None}]}, 400, "messages",
+     "content"),
+    ("tool message without id", "chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400,
+     "messages", "tool_call_id"),
+    ("auto tools on a template without them", "chat/completions", {"messages": [{"role": "user", "content": "x"}],
+     "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tool_choice", "template"),
+    ("repetition penalty", "completions", {"prompt": "x", "repetition_penalty": 1.2}, 400, None,
+     "repetition_penalty"),
 ]
 
 
@@ -244,6 +211,38 @@ def test_bad_input_gets_an_openai_error(server, name, endpoint, body, status, pa
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
     assert err["param"] == param and words.lower() in err["message"].lower(), err
+
+
+def test_null_max_tokens_means_the_default(client):
+    """OpenAI clients send "max_tokens": null for "not set": 16 on /v1/completions, the rest of the context on chat."""
+    out = client.completions.create(model="tiny-moe", prompt="Once upon a time", temperature=0, max_tokens=None,
+                                    extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 16 and out.choices[0].finish_reason == "length"
+    out = client.completions.create(model="tiny-moe", prompt="Once upon a time", temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 16
+
+
+def test_each_request_gets_one_access_line(server, client, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="expertyard.server.access"):
+        client.completions.create(model="tiny-moe", prompt="Once upon a time", max_tokens=5, temperature=0)
+        list(client.chat.completions.create(model="tiny-moe", messages=[{"role": "user", "content": "Hi"}],
+                                            max_tokens=3, temperature=0, stream=True))
+        httpx.post(server.url + "/v1/completions", json={"prompt": "x", "foo": 1},
+                   headers={"Authorization": f"Bearer {KEY}"})
+        assert server.idle()
+        deadline = time.time() + 5
+        while len(caplog.records) < 3 and time.time() < deadline:
+            time.sleep(0.02)
+    lines = [r.getMessage() for r in caplog.records if r.name == "expertyard.server.access"]
+    assert len(lines) == 3, lines
+    prompt_tokens = len(server.engine.encode("Once upon a time"))
+    assert '"POST /v1/completions" 200' in lines[0]
+    assert f"prompt_tokens={prompt_tokens} completion_tokens=5" in lines[0] and lines[0].endswith(" s")
+    assert '"POST /v1/chat/completions" 200' in lines[1] and "completion_tokens=3" in lines[1]
+    assert '"POST /v1/completions" 400' in lines[2] and "tokens" not in lines[2]
 
 
 def test_oversized_body_and_wrong_method(server):

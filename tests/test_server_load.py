@@ -19,7 +19,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from test_server_api import KEY, RunningServer, make_engine  # noqa: E402
+from servers import KEY, RunningServer, make_engine  # noqa: E402
 
 from expertyard.engine.sampling_params import SamplingParams  # noqa: E402
 
@@ -80,13 +80,12 @@ async def _load(url: str, n_requests: int, n_clients: int) -> list[tuple[int, st
     return results
 
 
-def test_32_concurrent_clients_200_requests(server):
-    ref_engine = make_engine(max_num_seqs=1)
+def test_32_concurrent_clients_200_requests(server, bundled_engine):
+    ref_engine = bundled_engine(max_num_seqs=1)  # the reference of test_server_api too
     params = SamplingParams(temperature=0, max_tokens=16)
     used = {(PROMPTS[i % len(PROMPTS)], i % 5 == 4) for i in range(200)}  # 15 (prompt, chat) pairs
     expected = {(p, chat): ref_engine.generate([[{"role": "user", "content": p}] if chat else p], params)[0].text
                 for p, chat in used}  # each alone
-    del ref_engine
 
     asyncio.run(_load(server.url, 32, 32))  # warm-up: allocator pools, first-call paths
     registry = server.app.state.server.metrics.registry

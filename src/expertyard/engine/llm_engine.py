@@ -21,6 +21,7 @@ from expertyard.errors import ConfigError, RequestError
 from expertyard.experts.offload.build import build_offloaded_experts, plan_budget
 from expertyard.experts.offload.config import OffloadConfig
 from expertyard.loader.load import LoadedModel
+from expertyard.structured.masks import apply_grammars
 
 
 @dataclass
@@ -159,6 +160,8 @@ class LLMEngine:
         STEP_TIMER.mark("run (rest)")
         sampling = [s for s in step.spans if s.samples]
         params = [s.seq.params for s in sampling]
+        if any(p.grammar is not None for p in params):  # structured outputs: mask what each row's grammar forbids
+            apply_grammars(logits, sampling, prev)
         tokens = sample(logits, params, [self.generators.get(s.seq.seq_id) for s in sampling])  # [N]
         want_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=None)
         on_device = [tokens]

@@ -19,6 +19,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # return this many top log-probabilities per generated token
+    grammar: object | None = None  # a structured.GrammarConstraint: tokens it forbids are masked before sampling
 
     def __post_init__(self):
         if isinstance(self.stop, str):

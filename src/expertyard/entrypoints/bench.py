@@ -31,14 +31,14 @@ def add_parser(sub) -> None:
     add_model_args(p, synthetic=True)
     add_offload_args(p)
     add_disagg_args(p, bench=True)
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per sequence")
+    p.add_argument("--decode-tokens", type=int, default=64, help="tokens decoded per sequence")
     p.add_argument("--batch-sizes", default="1,32", help="comma-separated")
     p.add_argument("--compare", choices=["transformers", "accelerate"], default=None,
                    help="also run transformers' generate on the same weights, in the same process "
                         "(accelerate: with --offload, transformers + accelerate offload under the same GPU budget)")
     p.add_argument("--compare-decode-tokens", type=int, default=8, help="tokens the accelerate baseline decodes")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompt token ids (and of sampling)")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="0: greedy decode; > 0: sample (seeded by --seed), so that random weights do not collapse "
                         "onto a few tokens and a few experts")

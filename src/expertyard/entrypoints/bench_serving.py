@@ -16,15 +16,15 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bench-serving", help="benchmark a running `expertyard serve` (also: `expertyard bench "
                                              "serving`)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the server")
-    p.add_argument("--api-key", default=None)
+    p.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
     p.add_argument("--model", default=None, help="model name to send (default: the server's first model)")
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated numbers of concurrent clients")
     p.add_argument("--num-requests", type=int, default=None, help="requests per level (default: 4 x concurrency, >= 8)")
     p.add_argument("--input-len", type=int, default=128, help="prompt tokens (random ids), unless --prompt")
     p.add_argument("--prompt", default=None, help="send this text as the prompt instead of random token ids")
     p.add_argument("--output-len", type=int, default=128, help="tokens generated per request (EOS ignored)")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of every request")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts and of each request's sampling")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 

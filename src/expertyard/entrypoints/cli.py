@@ -9,6 +9,26 @@ from expertyard import __version__
 from expertyard.errors import ExpertyardError
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default once: appended as "(default: X)" unless its help already says what the default is, or
+    there is none to show (None, off, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or not action.option_strings or action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _use_formatter(parser: argparse.ArgumentParser) -> None:
+    """The same help formatter for the parser and every subcommand below it."""
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _use_formatter(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from expertyard.entrypoints import (bench, bench_serving, evaluate, generate, plan_cmd, pregate_cmd, quantize_cmd,
                                        serve_cmd, simulate_cmd, trace_cmd)
@@ -19,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     for module in (generate, evaluate, bench, pregate_cmd, trace_cmd, simulate_cmd, serve_cmd, bench_serving,
                    quantize_cmd, plan_cmd):
         module.add_parser(sub)
+    _use_formatter(parser)
     return parser
 
 

@@ -22,16 +22,33 @@ from expertyard.loader.load import LoadedModel, load_model
 from expertyard.quant.low_store import parse_low_precision
 
 
+def model_path(args) -> Path:
+    """--model as a local folder: the bundled model without one, a hub id's snapshot in the Hugging Face cache
+    (loader/hub.py); resolved once per command."""
+    if getattr(args, "resolved_model", None) is None:
+        from expertyard.loader.hub import resolve_model
+
+        model, revision = getattr(args, "model", None), getattr(args, "revision", None)
+        if model is None and revision is not None:
+            raise ConfigError(f"--revision {revision} needs --model ORG/NAME (a Hugging Face hub id)")
+        args.resolved_model = bundled_model_path() if model is None else resolve_model(model, revision)
+    return args.resolved_model
+
+
 def add_model_args(p: argparse.ArgumentParser, synthetic: bool = False) -> None:
     g = p.add_argument_group("model")
     src = g.add_mutually_exclusive_group()
-    src.add_argument("--model", type=Path, help="local Hugging Face model directory (default: the bundled model)")
+    src.add_argument("--model", type=Path,
+                     help="local Hugging Face model folder, or a hub id such as Qwen/Qwen3-30B-A3B (fetched once into "
+                          "the Hugging Face cache: safetensors, config and tokenizer files; HF_HOME, HF_HUB_CACHE and "
+                          "HF_HUB_OFFLINE=1 are honoured) (default: the bundled model)")
     if synthetic:
         from expertyard.synthetic import SYNTHETIC_MODELS
 
         src.add_argument("--synthetic", choices=sorted(SYNTHETIC_MODELS),
                          help="random weights with the exact shapes of a real model, built in memory")
         g.add_argument("--num-layers", type=int, help="shorten a --synthetic model to N layers")
+    g.add_argument("--revision", default=None, help="with a hub id: branch, tag or commit (default: main)")
     g.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     g.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="default: float32 on CPU, bfloat16 on CUDA")
@@ -140,7 +157,7 @@ def load_from_args(args, device: torch.device, dtype: torch.dtype,
 
         loaded, tokenizer = build_synthetic(args.synthetic, args.num_layers, device, dtype, backend_factory=factory), None
     else:
-        path = args.model or bundled_model_path()
+        path = model_path(args)
         loaded = load_model(path, device, dtype, backend_factory=factory, progress=not args.json)
         tokenizer = load_tokenizer(path)
     if getattr(args, "routing_trace", None):
@@ -185,3 +202,9 @@ def engine_from_args(args, resident: bool = False, **config) -> LLMEngine:
         print(engine.model.experts.describe(), file=sys.stderr)
     freeze_long_lived()  # start-up is over: full collections skip the model and libraries from here on
     return engine
+
+
+def model_dir_of(args) -> Path | None:
+    """The checkpoint directory a command runs (None for --synthetic): files beside it (pre-gate predictor,
+    hobbit weights, quantized experts) are found there."""
+    return None if getattr(args, "synthetic", None) else model_path(args)

@@ -12,6 +12,7 @@ import torch
 
 from tqdm import tqdm
 
+from expertyard.assets import heldout_text_path
 from expertyard.engine.llm_engine import LLMEngine
 from expertyard.entrypoints.common import add_model_args, add_offload_args, engine_from_args
 from expertyard.errors import ConfigError
@@ -22,7 +23,9 @@ def add_parser(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(p, synthetic=True)
     add_offload_args(p)
-    p.add_argument("--text", type=Path, default=None, help="UTF-8 text file (required unless --synthetic)")
+    p.add_argument("--text", type=Path, default=None,
+                   help="UTF-8 text file (default: TinyStories stories the bundled model was not trained on, shipped "
+                        "with the package; none with --synthetic)")
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
     p.add_argument("--window", type=int, default=None, help="context window (default: max model length)")
     p.add_argument("--stride", type=int, default=None, help="new tokens scored per window (default: window / 2)")
@@ -44,16 +47,18 @@ def perplexity(engine: LLMEngine, tokens: list[int], window: int, stride: int, p
         raise ConfigError(f"stride={stride} must be in 1..window={window}")
     nll, scored, prev_end = 0.0, 0, 1  # the first token has no context and is not scored
     starts = range(0, max(len(tokens) - 1, 1), stride)
-    for begin in tqdm(starts, desc="eval", disable=not progress):
-        end = min(begin + window, len(tokens))
-        logp = engine.score(tokens[begin:end])  # [end - begin - 1]: log p(token i | tokens before)
-        new = end - prev_end  # tokens in this window not scored by an earlier one
-        if new > 0:
-            nll -= float(logp[-new:].double().sum())
-            scored += new
-            prev_end = end
-        if end == len(tokens):
-            break
+    # closed when the loop breaks early too, so that the bar ends its line before anything else is printed
+    with tqdm(starts, desc="eval", disable=not progress) as bar:
+        for begin in bar:
+            end = min(begin + window, len(tokens))
+            logp = engine.score(tokens[begin:end])  # [end - begin - 1]: log p(token i | tokens before)
+            new = end - prev_end  # tokens in this window not scored by an earlier one
+            if new > 0:
+                nll -= float(logp[-new:].double().sum())
+                scored += new
+                prev_end = end
+            if end == len(tokens):
+                break
     return {"tokens": scored, "nll": nll, "perplexity": math.exp(nll / scored) if scored else float("nan")}
 
 
@@ -95,7 +100,7 @@ def greedy_agreement(engine: LLMEngine, reference: LLMEngine, prompts: list[list
 def run(args) -> int:
     synthetic = getattr(args, "synthetic", None)
     if args.text is None and not synthetic:
-        raise ConfigError("eval needs --text FILE (or --synthetic NAME with --agreement-tokens N)")
+        args.text = heldout_text_path()
     if args.text is not None and not args.text.is_file():
         raise ConfigError(f"--text {args.text}: no such file")
     if synthetic and not args.agreement_tokens:
@@ -107,7 +112,8 @@ def run(args) -> int:
     if args.text is not None:
         if engine.tokenizer is None:
             raise ConfigError("perplexity needs a tokenizer; --synthetic models have none (drop --text)")
-        tokens = engine.tokenizer(args.text.read_text(encoding="utf-8")).input_ids
+        # verbose=False: a text longer than the tokenizer's model_max_length is what a sliding window is for
+        tokens = engine.tokenizer(args.text.read_text(encoding="utf-8"), verbose=False).input_ids
         if args.max_tokens:
             tokens = tokens[:args.max_tokens]
         if len(tokens) < 2:
@@ -120,7 +126,7 @@ def run(args) -> int:
         if need > engine.max_model_len:
             raise ConfigError(f"--agreement-prompt-len + --agreement-tokens = {need} exceeds the model length "
                               f"{engine.max_model_len}")
-        reference = engine_from_args(args, resident=True, **config)
+        reference = engine_from_args(args, resident=True)  # the full-precision resident model, batched as usual
         prompts = agreement_prompts(engine, tokens, args.agreement_prompts, args.agreement_prompt_len)
         result |= greedy_agreement(engine, reference, prompts, args.agreement_tokens)
         del reference

@@ -9,7 +9,7 @@ import time
 
 from expertyard.engine.sampling_params import SamplingParams
 from expertyard.entrypoints.common import add_model_args, add_offload_args, engine_from_args
-from expertyard.errors import ConfigError
+from expertyard.errors import ConfigError, RequestError
 
 
 def add_parser(sub) -> None:
@@ -20,25 +20,36 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     p.add_argument("--system", default=None, help="system message (with --chat)")
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: keep the most likely tokens holding "
+                                                            "this share of the probability (1 disables it)")
+    p.add_argument("--top-k", type=int, default=0, help="keep only the K most likely tokens (0 disables it)")
+    p.add_argument("--seed", type=int, default=None, help="seed of this request's sampling, for reproducible output "
+                                                         "(default: none)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.set_defaults(func=run)
 
 
+def sampling_params(args) -> SamplingParams:
+    """The sampling flags, checked before anything is loaded."""
+    try:
+        return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                              top_k=args.top_k, seed=args.seed, stop=args.stop)
+    except RequestError as e:  # "temperature=-1.0 must be ..." -> "--temperature -1.0 must be ..."
+        name, _, rest = str(e).partition("=")
+        raise ConfigError(f"--{name.replace('_', '-')} {rest}") from None
+
+
 def run(args) -> int:
+    params = sampling_params(args)
+    if args.system and not args.chat:
+        raise ConfigError("--system needs --chat")
     engine = engine_from_args(args)
     prompt = args.prompt
     if args.chat:
         prompt = ([{"role": "system", "content": args.system}] if args.system else []) + \
                  [{"role": "user", "content": args.prompt}]
-    elif args.system:
-        raise ConfigError("--system needs --chat")
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed, stop=args.stop)
     seq = engine.add_request(prompt, params)
     printed, start, first = 0, time.perf_counter(), None
     if not args.json and not args.chat:

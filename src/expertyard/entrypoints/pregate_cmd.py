@@ -11,7 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from expertyard.entrypoints.common import add_model_args, bundled_model_path, engine_from_args
+from expertyard.assets import derived_files_dir
+from expertyard.entrypoints.common import add_model_args, bundled_model_path, engine_from_args, model_dir_of
 from expertyard.errors import ConfigError
 from expertyard.experts.predictors import NextGatePredictor
 from expertyard.experts.predictors.trained import (FILE_NAME, LOSSES, FrequencyPredictor, TrainedPredictor,
@@ -31,12 +32,15 @@ def add_parser(sub) -> None:
                    help="UTF-8 text; documents separated by <|endoftext|>, cut at paragraph breaks into ~2000-char chunks")
     f.add_argument("--depth", type=int, default=3, choices=[1, 2, 3], help="MoE layers predicted ahead")
     f.add_argument("--max-tokens", type=int, default=100_000, help="tokens of text to run (10%% of documents held out)")
-    f.add_argument("--epochs", type=int, default=10)
+    f.add_argument("--epochs", type=int, default=10, help="passes over the training documents")
     f.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
     f.add_argument("--loss", choices=LOSSES, default=LOSSES[0],
                    help="topk-ce: cross-entropy to the true top-k gate probabilities; kl: to the whole router softmax")
     f.add_argument("--seed", type=int, default=0, help="document shuffle and minibatch order")
-    f.add_argument("--out", type=Path, default=None, help=f"predictor file (default: {FILE_NAME} beside the model)")
+    f.add_argument("--out", type=Path, default=None,
+                   help=f"predictor file (default: {FILE_NAME} beside a model of your own; for the bundled model or a "
+                        "Hugging Face hub id, in $XDG_CACHE_HOME/expertyard/models/NAME/, which --predictor trained "
+                        "reads first)")
     f.set_defaults(func=run_fit)
 
 
@@ -62,15 +66,19 @@ def documents(text: str) -> list[str]:
 def _out_path(args) -> Path:
     if args.out is not None:
         out = args.out
-    else:
-        out = (args.model or bundled_model_path()) / FILE_NAME
+    else:  # never into the installed package or a hub cache: those go to the user's cache folder
+        model_dir = model_dir_of(args)
+        folder = derived_files_dir(model_dir)
+        if folder != Path(model_dir).resolve():  # the cache folder (a model's own folder is never created here)
+            folder.mkdir(parents=True, exist_ok=True)
+        out = folder / FILE_NAME
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise ConfigError(f"--out {out}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
         where = "--out" if args.out is not None else "the model folder"
-        raise ConfigError(f"{out}: {where} is not writable (the bundled model lives inside the installed package); "
-                          "pass --out FILE, then run with --predictor trained --predictor-path FILE")
+        raise ConfigError(f"{out}: {where} is not writable; pass --out FILE, then run with --predictor trained "
+                          "--predictor-path FILE")
     if args.out is None and _loader_reads(out.name):
         raise ConfigError(f"{out}: this version's model loader reads every *.safetensors of a model folder without "
                           "model.safetensors.index.json, so a predictor saved there would break loading the model; "

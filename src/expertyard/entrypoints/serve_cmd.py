@@ -15,6 +15,7 @@ from expertyard.entrypoints.common import add_model_args, add_offload_args, asyn
 from expertyard.entrypoints.disagg_cmd import decode_graphs, disagg_config, run_distributed
 from expertyard.entrypoints.disagg_flags import add_disagg_args
 from expertyard.errors import ConfigError, DeploymentDownError
+from expertyard.loader.hub import is_hub_id
 
 
 def add_parser(sub) -> None:
@@ -25,7 +26,7 @@ def add_parser(sub) -> None:
     add_disagg_args(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network")
-    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     g.add_argument("--api-key", default=os.environ.get("EXPERTYARD_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $EXPERTYARD_API_KEY, else none)")
     g.add_argument("--served-model-name", default=None,
@@ -39,7 +40,8 @@ def add_parser(sub) -> None:
     g.add_argument("--warmup", choices=["auto", "on", "off"], default="auto",
                    help="before serving, run prompts of every size a step can hold, so that kernel compiles happen "
                         "at start-up and not under load (auto: on CUDA only)")
-    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="info: one access line per request (method, path, status, tokens, latency)")
     p.set_defaults(func=run, max_num_seqs=32)
 
 
@@ -48,6 +50,8 @@ def served_name(args) -> str:
         return args.served_model_name
     if getattr(args, "synthetic", None):
         return args.synthetic
+    if args.model is not None and not args.model.exists() and is_hub_id(str(args.model)):
+        return str(args.model)  # a hub id is served under its own name, as vLLM does
     return args.model.resolve().name if args.model else "tiny-moe"
 
 
@@ -79,6 +83,9 @@ def run(args) -> int:
         raise ConfigError(f"--max-request-bytes {args.max_request_bytes} must be >= 1024")
     if args.disaggregate:  # several ranks through torchrun's launcher; the server runs on attention rank 0
         return serve_distributed(args)
+    from expertyard.server.app import configure_logging
+
+    configure_logging(args.log_level)  # the access lines at info
     engine = engine_from_args(args, max_num_batched_tokens=args.max_num_batched_tokens)
     warm_up_if_asked(engine, args)
     app = build_app(engine, served_name(args), api_key=args.api_key or None, max_body_bytes=args.max_request_bytes)

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 
+from expertyard.assets import bundled_model_path
 from expertyard.errors import ConfigError
 
-
-def bundled_model_path() -> Path:
-    """The small MoE trained by the project and shipped inside the package."""
-    return Path(str(resources.files("expertyard") / "assets" / "tiny-moe"))
+__all__ = ["bundled_model_path", "load_tokenizer"]
 
 
 def load_tokenizer(path: Path):

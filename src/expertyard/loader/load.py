@@ -76,7 +76,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu", dtype:
     renames = [(re.compile(pattern), repl) for pattern, repl in spec.renames]
 
     with tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True,
-              desc=f"loading {model_dir.name}", disable=not progress, leave=False) as bar:
+              desc=f"loading {model_dir.name}", disable=not progress) as bar:  # ends its line
         current = None
         for path, ckpt_name, read in iter_tensors(files):
             if path != current:  # the bar advances a file at a time

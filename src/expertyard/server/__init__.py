@@ -5,6 +5,7 @@
     completions.py   /v1/completions (echo, logprobs, batched prompts)
     chat.py          /v1/chat/completions
     serving.py       what both share: context checks, sampling parameters, metrics per request, text deltas
+    formats.py       response_format and tools as grammars for the engine (expertyard.structured)
     protocol.py      request bodies (pydantic, strict) and the error shape
     metrics.py       Prometheus metrics
 """

@@ -23,6 +23,18 @@ from expertyard.server.protocol import APIError, ChatCompletionRequest, Completi
 from expertyard.server.serving import ClientGone, ServerState
 
 log = logging.getLogger("expertyard.server")
+access_log = logging.getLogger("expertyard.server.access")
+
+
+def configure_logging(level: str) -> None:
+    """Print the server's log records (the access lines at info) on stderr, at `level` (`--log-level`)."""
+    logger = logging.getLogger("expertyard")
+    logger.setLevel(level.upper())
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
 
 DEFAULT_MAX_BODY = 16 * 2**20  # a batch of 1024 lm-eval prompts of ~2k token ids fits
 
@@ -30,6 +42,8 @@ DEFAULT_MAX_BODY = 16 * 2**20  # a batch of 1024 lm-eval prompts of ~2k token id
 def build_app(engine: LLMEngine, model_name: str, api_key: str | None = None,
               max_body_bytes: int = DEFAULT_MAX_BODY) -> FastAPI:
     """One server for one engine; the engine thread runs from startup to shutdown of the app."""
+    if engine.tokenizer is not None:  # prompts may be longer than the tokenizer's nominal model_max_length: no warning
+        engine.tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
     metrics = Metrics(engine, model_name)
     aengine = AsyncEngine(engine, on_step=metrics.on_step)
     state = ServerState.create(aengine, metrics, model_name)
@@ -99,6 +113,20 @@ def build_app(engine: LLMEngine, model_name: str, api_key: str | None = None,
     return app
 
 
+def _log_access(scope, status: int, seconds: float) -> None:
+    """`127.0.0.1:5000 "POST /v1/completions" 200 prompt_tokens=5 completion_tokens=16 0.123 s`"""
+    if not access_log.isEnabledFor(logging.INFO):
+        return
+    client = scope.get("client")
+    who = f"{client[0]}:{client[1]}" if client else "-"
+    gen = scope.get("state", {}).get("generation")
+    tokens = ""
+    if gen is not None and gen.streams:
+        prompt = sum(s.seq.num_prompt_tokens for s in gen.streams)
+        tokens = f" prompt_tokens={prompt} completion_tokens={sum(len(s.seq.output_token_ids) for s in gen.streams)}"
+    access_log.info('%s "%s %s" %d%s %.3f s', who, scope["method"], scope["path"], status, tokens, seconds)
+
+
 async def _json(request: Request):
     body = await request.body()
     if not body:
@@ -110,7 +138,8 @@ async def _json(request: Request):
 
 
 class Guard:
-    """ASGI middleware: bearer-key check on /v1/*, and a cap on the body size (read here, then replayed)."""
+    """ASGI middleware: bearer-key check on /v1/*, a cap on the body size (read here, then replayed), and one
+    access log line per request once its answer is sent."""
 
     def __init__(self, app, api_key: str | None, max_body_bytes: int, metrics: Metrics):
         self.app, self.api_key, self.max_body, self.metrics = app, api_key, max_body_bytes, metrics
@@ -118,6 +147,22 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [0]
+
+        async def logged_send(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                _log_access(scope, status[0], time.perf_counter() - start)
+
+        try:
+            await self._guarded(scope, receive, logged_send)
+        except Exception:
+            _log_access(scope, 500, time.perf_counter() - start)
+            raise
+
+    async def _guarded(self, scope, receive, send):
         headers = dict(scope["headers"])
         if self.api_key is not None and scope["path"].startswith("/v1"):
             auth = headers.get(b"authorization", b"").decode("latin-1")

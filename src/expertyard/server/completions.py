@@ -20,13 +20,14 @@ async def create_completion(req: CompletionRequest, state: ServerState, request:
     if req.echo and req.logprobs is not None:
         top = req.logprobs
         echo_entries = await state.engine.call(lambda: [_prompt_entries(engine, ids, top) for ids in ids_list])
-    gen = Generation(state, "completions")
+    grammar = await state.formats.constraint(req) if req.max_tokens else None
+    gen = request.state.generation = Generation(state, "completions")
     if req.max_tokens == 0:  # score the prompts only
         state.metrics.prompt_tokens.inc(sum(map(len, ids_list)))
         state.metrics.requests.labels(state.model_name, "completions", "length").inc(len(ids_list) * req.n)
         finals = [None] * (len(ids_list) * req.n)
     else:
-        await gen.start([(ids, sampling_params(req, mt, i, req.logprobs))
+        await gen.start([(ids, sampling_params(req, mt, i, req.logprobs, grammar))
                          for ids, mt in zip(ids_list, max_tokens) for i in range(req.n)])
         if req.stream:
             return EngineStream(_stream(req, state, gen), gen)

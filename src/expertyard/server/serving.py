@@ -16,6 +16,7 @@ from starlette.responses import StreamingResponse
 from expertyard.engine.sampling_params import SamplingParams
 from expertyard.errors import RequestError
 from expertyard.server.async_engine import AsyncEngine, Stream, Update
+from expertyard.server.formats import Formats
 from expertyard.server.metrics import Metrics
 from expertyard.server.protocol import APIError
 
@@ -32,13 +33,15 @@ class ServerState:
     max_model_len: int
     vocab_size: int
     tokenizer: object | None  # a copy for this thread: the engine thread's is never shared
+    formats: Formats  # response_format and tools as grammars
     _token_str: dict[int, str] = field(default_factory=dict)
 
     @classmethod
     def create(cls, engine: AsyncEngine, metrics: Metrics, model_name: str) -> ServerState:
         e = engine.engine
         tok = copy.deepcopy(e.tokenizer) if e.tokenizer is not None else None
-        return cls(engine, metrics, model_name, e.max_model_len, e.model_config.vocab_size, tok)
+        vocab = e.model_config.vocab_size
+        return cls(engine, metrics, model_name, e.max_model_len, vocab, tok, Formats(tok, vocab, e.eos_token_ids))
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.model_name:
@@ -54,8 +57,9 @@ class ServerState:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
 
-    async def encode(self, prompts: list) -> list[list[int]]:
-        """Strings, token ids or chat messages -> token ids, on the engine thread (which owns the tokenizer)."""
+    async def encode(self, prompts: list, tools: list[dict] | None = None) -> list[list[int]]:
+        """Strings, token ids or chat messages -> token ids, on the engine thread (which owns the tokenizer);
+        `tools` go to the chat template."""
         engine = self.engine.engine
         if engine.tokenizer is None and any(not isinstance(p, list) or (p and isinstance(p[0], dict))
                                             for p in prompts):
@@ -63,6 +67,8 @@ class ServerState:
         param = "messages" if prompts and isinstance(prompts[0], list) and prompts[0] and \
             isinstance(prompts[0][0], dict) else "prompt"
         try:
+            if tools:
+                return await self.engine.call(lambda: [_encode_chat(engine.tokenizer, p, tools) for p in prompts])
             return await self.engine.call(lambda: [engine.encode(p) for p in prompts])
         except RequestError as e:
             raise APIError(str(e), param=param) from None
@@ -97,11 +103,16 @@ class ServerState:
         return max_tokens
 
 
-def sampling_params(req, max_tokens: int, index: int, logprobs: int | None) -> SamplingParams:
+def _encode_chat(tokenizer, messages: list[dict], tools: list[dict]) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def sampling_params(req, max_tokens: int, index: int, logprobs: int | None, grammar=None) -> SamplingParams:
     try:
         return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                               seed=None if req.seed is None else req.seed + index, stop=list(req.stop),
-                              ignore_eos=req.ignore_eos, logprobs=logprobs)
+                              ignore_eos=req.ignore_eos, logprobs=logprobs, grammar=grammar)
     except RequestError as e:
         raise APIError(str(e)) from None
 

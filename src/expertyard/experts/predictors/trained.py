@@ -116,6 +116,16 @@ def router_fingerprint(model) -> str:
     return h.hexdigest()[:32]
 
 
+def default_path(model_dir: str | Path) -> Path:
+    """The predictor `--predictor trained` reads without --predictor-path: the one `pregate fit` wrote for this
+    model (beside a user's model; in the user's cache for the bundled model or a hub snapshot, see
+    assets.derived_files_dir), else the one shipped beside the model."""
+    from expertyard.assets import derived_files_dir
+
+    fitted = derived_files_dir(Path(model_dir)) / FILE_NAME
+    return fitted if fitted.is_file() else Path(model_dir) / FILE_NAME
+
+
 class TrainedPredictor(StackedGatePredictor):
     """Per MoE layer, a fitted linear map x_l [D] -> router logits of the next d MoE layers [d*E]."""
 
@@ -174,11 +184,11 @@ class TrainedPredictor(StackedGatePredictor):
 
     @classmethod
     def load(cls, model_dir: str | Path | None, model, depth: int, path: str | Path | None = None) -> TrainedPredictor:
-        """From `path`, else `model_dir/pregate.safetensors`; refuses a file fitted for another model."""
+        """From `path`, else default_path(model_dir); refuses a file fitted for another model."""
         if path is None:
             if model_dir is None:
                 raise ConfigError("--predictor trained needs --predictor-path FILE (this model has no directory)")
-            path = Path(model_dir) / FILE_NAME
+            path = default_path(model_dir)
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: no such predictor file; fit one with `expertyard pregate fit --text FILE` "
