@@ -21,7 +21,7 @@ from expertyard.errors import ConfigError, RequestError
 from expertyard.experts.offload.build import build_offloaded_experts, plan_budget
 from expertyard.experts.offload.config import OffloadConfig
 from expertyard.loader.load import LoadedModel
-from expertyard.structured.masks import apply_grammars
+from expertyard.engine.grammar_masks import apply_grammars
 
 
 @dataclass

@@ -11,6 +11,6 @@ constrained and free requests share a batch.
 """
 
 from expertyard.structured.grammars import Grammars
-from expertyard.structured.masks import GrammarConstraint, apply_grammars
+from expertyard.engine.grammar_masks import GrammarConstraint, apply_grammars
 
 __all__ = ["Grammars", "GrammarConstraint", "apply_grammars"]
