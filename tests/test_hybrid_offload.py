@@ -14,6 +14,7 @@ from expertyard.engine.sampling_params import SamplingParams
 from expertyard.entrypoints.cli import main
 from expertyard.errors import ConfigError
 from expertyard.experts.cpu import CpuExpertCompute, CpuExpertStore, HybridCosts
+from expertyard.experts.cpu.weights import default_group_size, int4_grid, int8_grid
 from expertyard.experts.offload.build import full_precision_backend
 from expertyard.experts.offload.config import OffloadConfig
 from expertyard.experts.offload.host_loader import HostLoadedExperts
@@ -47,14 +48,14 @@ def _costs(cpu_ms: float, copy_ms: float, expert_bytes: int) -> HybridCosts:
 
 
 def hybrid_engine(path, device, dtype, slots, mode="auto", precision="full", cpu_ms=1.0, copy_ms=1.0, depth=1,
-                  graphs=False):
+                  graphs=False, predict=True):
     loaded = load_model(path, device, dtype, progress=False, backend_factory=HostLoadedExperts.factory())
     host = loaded.model.experts
     store = CpuExpertStore(host.store, host.keys, {"full", precision}, progress=False)
     hybrid = HybridExecutor(CpuExpertCompute(store), _costs(cpu_ms, copy_ms, host.store.expert_bytes), mode,
                             precision, host.device, dtype, learn=False)
-    backend = full_precision_backend(loaded.model, slots, make_policy("lru"), NextGatePredictor(loaded.model, depth),
-                                     hybrid=hybrid)
+    predictor = NextGatePredictor(loaded.model, depth) if predict else None
+    backend = full_precision_backend(loaded.model, slots, make_policy("lru"), predictor, hybrid=hybrid)
     loaded.model.set_expert_backend(backend)
     return _engine(loaded, graphs=graphs)
 
@@ -81,6 +82,36 @@ def test_hybrid_generation_equals_resident(arch, mode, tiny_checkpoint):
         assert r["copied_misses_per_token"] > 0 and r["bytes_copied"] > 0
     splits = r["split_per_layer"]
     assert sum(v["cpu"] for v in splits.values()) == round(r["cpu_experts_per_token"] * 36)
+
+
+def dequantized_resident_tokens_and_logprobs(path, device, dtype, precision):
+    """The reference for low-precision CPU compute: resident experts replaced by the dequantized CPU copies."""
+    loaded = load_model(path, device, dtype, progress=False)
+    experts = loaded.model.experts
+    cfg = loaded.config
+    group = default_group_size(cfg.hidden_size, cfg.moe.intermediate_size)
+    for layer in cfg.moe_layers:
+        for e in range(cfg.moe.num_experts):
+            for w in (experts.w13[layer][e], experts.w2[layer][e]):  # [2I, D], [D, I]
+                grid = int8_grid(w.cpu(), dtype) if precision == "int8" else int4_grid(w.cpu(), group, dtype)
+                w.copy_(grid.dequantize())
+    seqs = _engine(loaded).generate(_prompts(), SamplingParams(temperature=0, max_tokens=12, logprobs=1))
+    return [s.output_token_ids for s in seqs], [[x["logprob"] for x in s.logprobs] for s in seqs]
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_low_precision_cpu_compute_equals_its_dequantized_model(precision, tiny_checkpoint):
+    """float32, every expert on the CPU from int8/int4 copies (no prediction, so nothing is ever copied to the
+    cache): the tokens and logprobs of a resident model whose experts are those copies dequantized (the kernels
+    are exact up to float rounding; quality is measured by perplexity in docs/offloading.md)."""
+    path, _ = tiny_checkpoint("mixtral")
+    ref_tokens, ref_logp = dequantized_resident_tokens_and_logprobs(path, "cpu", torch.float32, precision)
+    engine = hybrid_engine(path, "cpu", torch.float32, slots=3, mode="on", precision=precision, predict=False)
+    seqs = engine.generate(_prompts(), SamplingParams(temperature=0, max_tokens=12, logprobs=1))
+    assert [s.output_token_ids for s in seqs] == ref_tokens
+    torch.testing.assert_close(torch.tensor([[x["logprob"] for x in s.logprobs] for s in seqs]),
+                               torch.tensor(ref_logp), atol=1e-4, rtol=1e-4)
+    assert engine.model.experts.report(tokens=36)["hits"] == 0
 
 
 def test_cpu_share_of_a_visit_against_a_float64_reference(tiny_checkpoint):
