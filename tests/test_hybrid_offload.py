@@ -99,19 +99,22 @@ def dequantized_resident_tokens_and_logprobs(path, device, dtype, precision):
     return [s.output_token_ids for s in seqs], [[x["logprob"] for x in s.logprobs] for s in seqs]
 
 
-@pytest.mark.parametrize("precision", ["int8", "int4"])
-def test_low_precision_cpu_compute_equals_its_dequantized_model(precision, tiny_checkpoint):
+def check_low_precision_cpu_compute(path, device: str, precision: str, tol: float) -> None:
     """float32, every expert on the CPU from int8/int4 copies (no prediction, so nothing is ever copied to the
     cache): the tokens and logprobs of a resident model whose experts are those copies dequantized (the kernels
     are exact up to float rounding; quality is measured by perplexity in docs/offloading.md)."""
-    path, _ = tiny_checkpoint("mixtral")
-    ref_tokens, ref_logp = dequantized_resident_tokens_and_logprobs(path, "cpu", torch.float32, precision)
-    engine = hybrid_engine(path, "cpu", torch.float32, slots=3, mode="on", precision=precision, predict=False)
+    ref_tokens, ref_logp = dequantized_resident_tokens_and_logprobs(path, device, torch.float32, precision)
+    engine = hybrid_engine(path, device, torch.float32, slots=3, mode="on", precision=precision, predict=False)
     seqs = engine.generate(_prompts(), SamplingParams(temperature=0, max_tokens=12, logprobs=1))
     assert [s.output_token_ids for s in seqs] == ref_tokens
     torch.testing.assert_close(torch.tensor([[x["logprob"] for x in s.logprobs] for s in seqs]),
-                               torch.tensor(ref_logp), atol=1e-4, rtol=1e-4)
+                               torch.tensor(ref_logp), atol=tol, rtol=tol)
     assert engine.model.experts.report(tokens=36)["hits"] == 0
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_low_precision_cpu_compute_equals_its_dequantized_model(precision, tiny_checkpoint):
+    check_low_precision_cpu_compute(tiny_checkpoint("mixtral")[0], "cpu", precision, 1e-4)
 
 
 def test_cpu_share_of_a_visit_against_a_float64_reference(tiny_checkpoint):
@@ -193,3 +196,32 @@ def test_generate_with_cpu_compute_prints_the_split(capsys):
                  "--offload", "--expert-cache-fraction", "0.25", "--cpu-compute", "on", "--stats"]) == 0
     out = capsys.readouterr()
     assert "on the CPU" in out.out + out.err
+
+
+def test_server_with_cpu_compute_answers_concurrent_clients_like_resident(bundled_engine):
+    """`serve --offload` with the CPU computing misses, under continuous batching: 40 requests from 8 clients
+    (completions and chat, streamed or not) get the texts the resident model gives each prompt alone."""
+    import asyncio
+
+    from servers import RunningServer
+    from test_server_load import PROMPTS, _load
+
+    from expertyard.entrypoints.common import bundled_model_path, load_tokenizer
+
+    path = bundled_model_path()
+    loaded = load_model(path, "cpu", torch.float32, progress=False, backend_factory=HostLoadedExperts.factory())
+    offload = OffloadConfig(expert_cache_fraction=0.25, cpu_compute="auto", cpu_precision="full")
+    engine = LLMEngine(loaded, load_tokenizer(path), EngineConfig(max_num_seqs=8, max_model_len=256, offload=offload))
+    ref = bundled_engine(max_num_seqs=1)
+    params = SamplingParams(temperature=0, max_tokens=16)
+    expected = {(p, chat): ref.generate([[{"role": "user", "content": p}] if chat else p], params)[0].text
+                for p in PROMPTS for chat in (False, True)}
+    server = RunningServer(engine)
+    try:
+        results = asyncio.run(_load(server.url, 40, 8))
+    finally:
+        server.stop()
+    assert all(status == 200 for status, *_ in results), [r for r in results if r[0] != 200][:3]
+    assert [(p, chat) for _, p, text, chat in results if text != expected[(p, chat)]] == []
+    r = engine.model.experts.report(tokens=40 * 16)
+    assert r["cpu_experts_per_token"] > 0

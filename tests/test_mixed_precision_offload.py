@@ -191,11 +191,11 @@ def test_engine_and_simulator_split_the_expert_cache_alike():
     for the same budget: the same byte ratio and the same split function."""
     from expertyard.experts.offload.budget import split_pools
     from expertyard.experts.offload.config import OffloadConfig
-    from expertyard.synthetic import build_synthetic
+    from expertyard.entrypoints.common import bundled_model_path
     from expertyard.trace.mixed_simulate import byte_ratio
 
-    loaded = build_synthetic("olmoe-1b-7b", num_layers=1, device="cpu", dtype=torch.bfloat16,
-                             backend_factory=HostLoadedExperts.factory())
+    loaded = load_model(bundled_model_path(), "cpu", torch.bfloat16, progress=False,
+                        backend_factory=HostLoadedExperts.factory())
     cfg = loaded.config
     for fraction, low_fraction in ((0.25, 0.25), (0.5, 0.4), (0.8, 0.1)):
         offload = OffloadConfig(expert_cache_fraction=fraction, low_precision_bits=4, low_pool_fraction=low_fraction,

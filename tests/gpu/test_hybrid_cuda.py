@@ -10,7 +10,7 @@ from expertyard.experts.cpu import CpuExpertStore, measure_costs
 from expertyard.loader import load_model
 
 from conftest import ARCH_CASES
-from test_hybrid_offload import dequantized_resident_tokens_and_logprobs, hybrid_engine
+from test_hybrid_offload import check_low_precision_cpu_compute, hybrid_engine
 from test_offload import _prompts, resident_tokens_and_logprobs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -35,15 +35,7 @@ def test_cuda_hybrid_equals_resident(arch, mode, graphs, tiny_checkpoint):
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_cuda_low_precision_cpu_compute_equals_its_dequantized_model(precision, tiny_checkpoint):
-    """float32 on a CUDA host, every expert on the CPU from int8/int4 copies: the resident model whose experts
-    are those copies dequantized."""
-    path, _ = tiny_checkpoint("mixtral")
-    ref_tokens, ref_logp = dequantized_resident_tokens_and_logprobs(path, "cuda", torch.float32, precision)
-    engine = hybrid_engine(path, "cuda", torch.float32, slots=3, mode="on", precision=precision, predict=False)
-    seqs = engine.generate(_prompts(), SamplingParams(temperature=0, max_tokens=12, logprobs=1))
-    assert [s.output_token_ids for s in seqs] == ref_tokens
-    torch.testing.assert_close(torch.tensor([[x["logprob"] for x in s.logprobs] for s in seqs]),
-                               torch.tensor(ref_logp), atol=2e-3, rtol=2e-3)
+    check_low_precision_cpu_compute(tiny_checkpoint("mixtral")[0], "cuda", precision, 2e-3)
 
 
 def test_cuda_hybrid_bfloat16_within_tolerance(tiny_checkpoint):
