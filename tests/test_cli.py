@@ -86,7 +86,7 @@ def test_user_errors_are_messages_not_tracebacks(capsys, tmp_path):
 
 def test_bench_reports_throughput_and_bytes(capsys):
     out = _json(capsys, ["bench", "--synthetic", "olmoe-1b-7b", "--num-layers", "1", "--device", "cpu",
-                         "--dtype", "float32", "--prompt-len", "4", "--decode-tokens", "3", "--batch-sizes", "1,2",
+                         "--dtype", "bfloat16", "--prompt-len", "4", "--decode-tokens", "3", "--batch-sizes", "1,2",
                          "--json"])
     assert [r["batch"] for r in out["runs"]] == [1, 2]
     assert all(r["expertyard"]["decode_tokens_per_s"] > 0 for r in out["runs"])

@@ -64,8 +64,8 @@ def test_transformers_baseline_shares_our_weights_and_matches_our_logits(arch, t
 
 
 def test_small_synthetic_model_generates_deterministically():
-    def tokens():  # one model alive at a time (each is ~2.4 GB in float32)
-        loaded = build_synthetic("olmoe-1b-7b", num_layers=1, device="cpu", dtype=torch.float32, seed=3)
+    def tokens():  # one model alive at a time (each is ~1.2 GB in bfloat16)
+        loaded = build_synthetic("olmoe-1b-7b", num_layers=1, device="cpu", dtype=torch.bfloat16, seed=3)
         engine = LLMEngine(loaded, None, EngineConfig(max_num_seqs=2, max_model_len=16, cuda_graphs=False), set())
         return engine.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3))[0].output_token_ids
 
