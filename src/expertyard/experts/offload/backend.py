@@ -113,10 +113,11 @@ class OffloadedExperts(ExpertBackend):
     def forward_routed(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor,
                        preds: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
         """`forward` with the predictions already made (piecewise CUDA graphs compute them in the graph)."""
-        fits = topk_ids.numel() <= self.state.capacity  # (with every miss on the CPU, nothing needs a slot)
+        fits = topk_ids.numel() <= self.state.capacity
+        all_on_cpu = self.hybrid is not None and self.hybrid.mode == "on"  # no miss needs a slot
         if self.mixed is not None and topk_ids.numel() <= min(self.high.capacity, self.low.capacity):
             y = self._forward_mixed(layer, x, topk_ids, topk_w, preds)
-        elif (self.cuda or self.hybrid is not None) and fits or self.hybrid is not None and self.hybrid.mode == "on":
+        elif (self.cuda or self.hybrid is not None) and fits or all_on_cpu:
             y = self._forward_speculative(layer, x, topk_ids, topk_w, preds)
         else:
             y = self._forward_loaded_first(layer, x, topk_ids, topk_w, preds)
