@@ -48,14 +48,14 @@ def _costs(cpu_ms: float, copy_ms: float, expert_bytes: int) -> HybridCosts:
 
 
 def hybrid_engine(path, device, dtype, slots, mode="auto", precision="full", cpu_ms=1.0, copy_ms=1.0, depth=1,
-                  graphs=False, predict=True):
+                  graphs=False, predict=True, timeline=False):
     loaded = load_model(path, device, dtype, progress=False, backend_factory=HostLoadedExperts.factory())
     host = loaded.model.experts
     store = CpuExpertStore(host.store, host.keys, {"full", precision}, progress=False)
     hybrid = HybridExecutor(CpuExpertCompute(store), _costs(cpu_ms, copy_ms, host.store.expert_bytes), mode,
                             precision, host.device, dtype, learn=False)
     predictor = NextGatePredictor(loaded.model, depth) if predict else None
-    backend = full_precision_backend(loaded.model, slots, make_policy("lru"), predictor, hybrid=hybrid)
+    backend = full_precision_backend(loaded.model, slots, make_policy("lru"), predictor, timeline, hybrid)
     loaded.model.set_expert_backend(backend)
     return _engine(loaded, graphs=graphs)
 
@@ -115,6 +115,23 @@ def check_low_precision_cpu_compute(path, device: str, precision: str, tol: floa
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_low_precision_cpu_compute_equals_its_dequantized_model(precision, tiny_checkpoint):
     check_low_precision_cpu_compute(tiny_checkpoint("mixtral")[0], "cpu", precision, 1e-4)
+
+
+def test_timeline_shows_each_layers_cpu_share(tiny_checkpoint, tmp_path):
+    """`--timeline` records every CPU share of a layer as a host span named by layer and expert count."""
+    import json
+
+    path, _ = tiny_checkpoint("mixtral")
+    engine = hybrid_engine(path, "cpu", torch.float32, slots=3, mode="on", timeline=True)
+    engine.generate(_prompts()[:1], SamplingParams(temperature=0, max_tokens=6))
+    engine.model.experts.timeline.write(tmp_path / "t.json")
+    events = json.loads((tmp_path / "t.json").read_text())["traceEvents"]
+    cpu = [e for e in events if e["pid"] == "host" and e["tid"] == "CPU experts"]
+    r = engine.model.experts.report(tokens=1)
+    assert sum(int(e["name"].split(": ")[1].split()[0]) for e in cpu) == sum(
+        v["cpu"] for v in r["split_per_layer"].values())
+    assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in cpu) and {e["name"].split(":")[0] for e in cpu} == {
+        f"cpu L{layer}" for layer in engine.model_config.moe_layers}
 
 
 def test_cpu_share_of_a_visit_against_a_float64_reference(tiny_checkpoint):

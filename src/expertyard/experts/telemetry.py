@@ -1,8 +1,11 @@
-"""Counters and an optional Chrome-trace timeline of compute and copy spans, timed by CUDA events."""
+"""Counters and an optional Chrome-trace timeline: device spans (compute, copies) timed by CUDA events, host
+spans (CPU expert compute) timed by the host clock, both from one origin."""
 
 from __future__ import annotations
 
 import json
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,23 +28,41 @@ class TransferStats:
 
 
 class Timeline:
-    """Spans recorded as CUDA event pairs on named streams; written as a chrome://tracing / Perfetto file."""
+    """Spans recorded as CUDA event pairs on named streams, and host spans; written as a chrome://tracing /
+    Perfetto file."""
 
-    def __init__(self):
-        self.origin = torch.cuda.Event(enable_timing=True)
-        self.origin.record()
+    def __init__(self, cuda: bool = True):
+        self.cuda = cuda
         self.spans: list[tuple[str, str, torch.cuda.Event, torch.cuda.Event]] = []
+        self.host_spans: list[tuple[str, str, float, float]] = []  # (name, track, start s, end s) host clock
+        if cuda:
+            self.origin = torch.cuda.Event(enable_timing=True)
+            self.origin.record()
+            self.origin.synchronize()  # the device's origin is now: the host clock starts here too
+        self.origin_host = time.perf_counter()
 
     def span(self, name: str, track: str, stream: torch.cuda.Stream) -> "_Span":
         return _Span(self, name, track, stream)
 
+    @contextmanager
+    def host_span(self, name: str, track: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.host_spans.append((name, track, t0, time.perf_counter()))
+
     def write(self, path: Path) -> None:
-        torch.cuda.synchronize()
         events = []
-        for name, track, start, end in self.spans:
-            ts = self.origin.elapsed_time(start) * 1e3  # us
-            events.append({"name": name, "ph": "X", "ts": ts, "dur": start.elapsed_time(end) * 1e3,
-                           "pid": "GPU", "tid": track})
+        if self.cuda:
+            torch.cuda.synchronize()
+            for name, track, start, end in self.spans:
+                ts = self.origin.elapsed_time(start) * 1e3  # us
+                events.append({"name": name, "ph": "X", "ts": ts, "dur": start.elapsed_time(end) * 1e3,
+                               "pid": "GPU", "tid": track})
+        for name, track, t0, t1 in self.host_spans:
+            events.append({"name": name, "ph": "X", "ts": (t0 - self.origin_host) * 1e6, "dur": (t1 - t0) * 1e6,
+                           "pid": "host", "tid": track})
         Path(path).write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
 
 

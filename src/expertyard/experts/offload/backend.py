@@ -179,7 +179,8 @@ class OffloadedExperts(ExpertBackend):
         self.high.mark_read(compute, layer, copied)
         self.state.end_visit(layer, copied)  # first, so that a prediction may replace what this layer just used
         if on_cpu:
-            y = y + self.hybrid.compute(layer, staged, ids, on_cpu, topk_ids.shape)
+            with self.transfer.host_span(f"cpu L{layer}: {len(on_cpu)} experts"):
+                y = y + self.hybrid.compute(layer, staged, ids, on_cpu, topk_ids.shape)
             self.state.counters.misses += len(on_cpu)  # computed where they are: not admitted to the cache
         self._prefetch(pred_ids)
         return y

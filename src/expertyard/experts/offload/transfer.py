@@ -15,7 +15,7 @@ class TransferEngine:
         self.device = device
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
-        self.timeline = Timeline() if timeline and self.cuda else None
+        self.timeline = Timeline(self.cuda) if timeline else None
         self.stats = TransferStats()
         self._last_copy: torch.cuda.Event | None = None
 
@@ -61,8 +61,12 @@ class TransferEngine:
         self.stats.stall_events.append((before, after))
 
     def span(self, name: str, stream):
-        """A timeline span on `stream` (a no-op context without a timeline)."""
-        return self.timeline.span(name, "compute", stream) if self.timeline is not None else _NO_SPAN
+        """A timeline span on `stream` (a no-op context without a timeline or a device clock)."""
+        return self.timeline.span(name, "compute", stream) if self.timeline is not None and self.cuda else _NO_SPAN
+
+    def host_span(self, name: str):
+        """A timeline span of host work, e.g. CPU expert compute (a no-op context without a timeline)."""
+        return self.timeline.host_span(name, "CPU experts") if self.timeline is not None else _NO_SPAN
 
 
 class _NoSpan:
