@@ -203,6 +203,8 @@ def test_flags_are_checked_before_the_model_loads(capsys, tmp_path):
     missing = tmp_path / "no-model"  # would fail to load: the flag error must come first
     assert main(["generate", "--model", str(missing), "--prompt", "x", "--low-precision", "int4"]) != 0
     assert "only act(s) on offloaded experts: add --offload" in capsys.readouterr().err
+    assert main(["generate", "--model", str(missing), "--prompt", "x", "--cpu-precision", "int4"]) != 0
+    assert "--cpu-precision only act(s) on offloaded experts" in capsys.readouterr().err
     assert main(["generate", "--model", str(missing), "--prompt", "x", "--offload", "--expert-cache-fraction", "0.3",
                  "--cpu-threads", "0"]) != 0
     assert "--cpu-threads 0 is out of range" in capsys.readouterr().err

@@ -108,18 +108,21 @@ def add_offload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpu-threads", type=int, default=None,
                    help="threads for CPU expert compute (default: the physical cores)")
     g.add_argument("--stats", action="store_true", help="print expert cache, transfer and CPU statistics")
-    g.add_argument("--timeline", type=Path, default=None, help="write a Chrome trace of compute and copy spans")
+    g.add_argument("--timeline", type=Path, default=None,
+                   help="write a Chrome trace of GPU compute, copies and each layer's CPU share")
 
 
-OFFLOAD_ONLY_FLAGS = ("gpu_memory_budget", "expert_cache_fraction", "host_memory_budget", "policy", "predictor",
-                      "predictor_path", "policy_weights", "low_precision", "low_precision_dir", "precision",
-                      "timeline")
+OFFLOAD_ONLY_FLAGS = {name: None for name in (  # flag -> its default: anything else needs --offload
+    "gpu_memory_budget", "expert_cache_fraction", "host_memory_budget", "policy", "predictor", "predictor_path",
+    "policy_weights", "low_precision", "low_precision_dir", "precision", "timeline", "cpu_threads")} | {
+    "cpu_compute": "auto", "cpu_precision": "full"}
 
 
 def offload_config_from_args(args) -> OffloadConfig | None:
     """The OffloadConfig the flags ask for (None without --offload); every flag is checked before a model loads."""
     if not getattr(args, "offload", False):
-        given = [f"--{name.replace('_', '-')}" for name in OFFLOAD_ONLY_FLAGS if getattr(args, name, None)]
+        given = [f"--{name.replace('_', '-')}" for name, default in OFFLOAD_ONLY_FLAGS.items()
+                 if getattr(args, name, default) != default]
         if given:
             raise ConfigError(f"{', '.join(given)} only act(s) on offloaded experts: add --offload (with "
                               "--gpu-memory-budget SIZE or --expert-cache-fraction F), or drop them")
