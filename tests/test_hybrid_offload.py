@@ -48,8 +48,8 @@ def _costs(cpu_ms: float, copy_ms: float, expert_bytes: int) -> HybridCosts:
 
 
 def hybrid_engine(path, device, dtype, slots, mode="auto", precision="full", cpu_ms=1.0, copy_ms=1.0, depth=1,
-                  graphs=False, predict=True, timeline=False):
-    loaded = load_model(path, device, dtype, progress=False, backend_factory=HostLoadedExperts.factory())
+                  graphs=False, predict=True, timeline=False, host_budget=None):
+    loaded = load_model(path, device, dtype, progress=False, backend_factory=HostLoadedExperts.factory(host_budget))
     host = loaded.model.experts
     store = CpuExpertStore(host.store, host.keys, {"full", precision}, progress=False)
     hybrid = HybridExecutor(CpuExpertCompute(store), _costs(cpu_ms, copy_ms, host.store.expert_bytes), mode,
@@ -115,6 +115,19 @@ def check_low_precision_cpu_compute(path, device: str, precision: str, tol: floa
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_low_precision_cpu_compute_equals_its_dequantized_model(precision, tiny_checkpoint):
     check_low_precision_cpu_compute(tiny_checkpoint("mixtral")[0], "cpu", precision, 1e-4)
+
+
+def test_disk_tier_experts_are_copied_not_computed_from_files(tiny_checkpoint):
+    """Past --host-memory-budget, experts stay in the safetensors files: even with every miss sent to the CPU,
+    those are copied (a full-precision CPU visit would read the file each time), and tokens stay exact."""
+    path, _ = tiny_checkpoint("mixtral")
+    ref_tokens, _ = resident_tokens_and_logprobs(path, "cpu", torch.float32)
+    one_expert = load_model(path, "cpu", torch.float32, progress=False).config.expert_bytes(4)
+    engine = hybrid_engine(path, "cpu", torch.float32, slots=7, mode="on", predict=False, host_budget=5 * one_expert)
+    seqs = engine.generate(_prompts(), SamplingParams(temperature=0, max_tokens=12))
+    assert [s.output_token_ids for s in seqs] == ref_tokens
+    r = engine.model.experts.report(tokens=36)
+    assert r["cpu_experts_per_token"] > 0 and r["copied_misses_per_token"] > 0
 
 
 def test_timeline_shows_each_layers_cpu_share(tiny_checkpoint, tmp_path):

@@ -114,7 +114,7 @@ class OffloadedExperts(ExpertBackend):
                        preds: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
         """`forward` with the predictions already made (piecewise CUDA graphs compute them in the graph)."""
         fits = topk_ids.numel() <= self.state.capacity
-        all_on_cpu = self.hybrid is not None and self.hybrid.mode == "on"  # no miss needs a slot
+        all_on_cpu = self.hybrid is not None and self.hybrid.computes_every_miss  # no miss needs a slot
         if self.mixed is not None and topk_ids.numel() <= min(self.high.capacity, self.low.capacity):
             y = self._forward_mixed(layer, x, topk_ids, topk_w, preds)
         elif (self.cuda or self.hybrid is not None) and fits or all_on_cpu:

@@ -57,6 +57,9 @@ class HybridExecutor:
         self.device, self.dtype = device, dtype
         self.cuda = device.type == "cuda"
         self.copy_s = costs.copy_s(costs.expert_bytes["full"])
+        store = compute.store
+        # `on` with every expert readable at `precision` without its file: no miss ever needs a cache slot
+        self.computes_every_miss = mode == "on" and all(store.in_memory(k, precision) for k in store.keys)
         self._x = self._w = self._y = None  # pinned staging buffers (CUDA), grown on demand
         self.learn = learn  # correct the CPU figures by measured visits (off: the split follows `costs` alone)
         self.cpu_scale = 1.0  # measured / predicted CPU time of the visits so far (contention, per-call overhead)
