@@ -10,7 +10,7 @@ import torch
 from conftest import SHARED
 from expertyard.engine.llm_engine import EngineConfig, LLMEngine
 from expertyard.errors import ConfigError
-from expertyard.experts.predictors import NextGatePredictor, NoPredictor, TrainedPredictor, load_predictor
+from expertyard.experts.predictors import NextGatePredictor, NoPredictor, TrainedPredictor, make_predictor
 from expertyard.experts.predictors.trained import (FrequencyPredictor, RoutingData, collect_routing, recall_at_k,
                                                    recall_by_distance)
 from expertyard.loader.load import load_model
@@ -92,7 +92,7 @@ def test_save_load_round_trip_and_shapes(fitted, tiny_checkpoint, tmp_path, arch
     engine, data, trained = fitted(arch)
     path = tmp_path / "p.safetensors"
     trained.save(path)
-    loaded = load_predictor("trained", engine.model, tiny_checkpoint(arch)[0], depth, path)
+    loaded = make_predictor("trained", engine.model, tiny_checkpoint(arch)[0], depth, path)
     moe_layers = list(engine.model.cfg.moe_layers)
     k = engine.model.cfg.moe.top_k
     for i, layer in enumerate(moe_layers):
@@ -150,12 +150,12 @@ def test_router_hash_does_not_depend_on_load_dtype(fitted, tiny_checkpoint, tmp_
 
 def test_load_predictor_by_name(fitted):
     engine, _, _ = fitted("qwen3_moe")
-    assert isinstance(load_predictor("none", engine.model, None, 1), NoPredictor)
-    assert isinstance(load_predictor("next-gate", engine.model, None, 2), NextGatePredictor)
+    assert isinstance(make_predictor("none", engine.model, None, 1), NoPredictor)
+    assert isinstance(make_predictor("next-gate", engine.model, None, 2), NextGatePredictor)
     with pytest.raises(ConfigError, match="none, next-gate, trained"):
-        load_predictor("oracle-ish", engine.model, None, 1)
+        make_predictor("oracle-ish", engine.model, None, 1)
     with pytest.raises(ConfigError, match="predictor-path"):
-        load_predictor("trained", engine.model, None, 1)
+        make_predictor("trained", engine.model, None, 1)
 
 
 def test_unwritable_model_folder_asks_for_out(monkeypatch, tmp_path, capsys):
@@ -195,6 +195,6 @@ def test_cli_fits_the_bundled_model(tmp_path, capsys):
     train = result["train_recall"]
     assert train["trained"][0] > train["next-gate"][0] and train["trained"][2] > train["next-gate"][2]
     model = load_model(model_dir, "cpu", torch.float32, progress=False).model  # still loads
-    p = load_predictor("trained", model, model_dir, 3, None if out.parent == model_dir else out)
+    p = make_predictor("trained", model, model_dir, 3, None if out.parent == model_dir else out)
     assert [t for t, _ in p.predict(0, torch.randn(3, 256))] == [1, 2, 3]
     assert p.meta["fit"]["text"] == "stories.txt"

@@ -8,7 +8,5 @@ from expertyard.experts.predictors.linear_gate import NextGatePredictor, Stacked
 from expertyard.experts.predictors.registry import PREDICTOR_NAMES, PREDICTORS, PredictorEntry, make_predictor
 from expertyard.experts.predictors.trained import TrainedPredictor
 
-load_predictor = make_predictor  # the name earlier releases used
-
 __all__ = ["NoPredictor", "Predictor", "NextGatePredictor", "PREDICTORS", "PREDICTOR_NAMES", "PredictorEntry",
-           "StackedGatePredictor", "TraceOraclePredictor", "TrainedPredictor", "load_predictor", "make_predictor"]
+           "StackedGatePredictor", "TraceOraclePredictor", "TrainedPredictor", "make_predictor"]
