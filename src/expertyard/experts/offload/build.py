@@ -23,7 +23,7 @@ from expertyard.experts.offload.slot_pool import FullPrecisionPool, LowPrecision
 from expertyard.experts.offload.transfer import TransferEngine
 from expertyard.experts.policies import DEFAULT_POLICY, CachePolicy, policy_from_args
 from expertyard.experts.precision import PrecisionThresholds
-from expertyard.experts.predictors import make_predictor as registry_predictor
+from expertyard.experts.predictors import make_predictor
 from expertyard.experts.predictors.base import Predictor
 from expertyard.quant.low_store import LowPrecisionStore
 from expertyard.quant.packed_expert import ExpertLayout
@@ -51,16 +51,16 @@ def build_offloaded_experts(model: nn.Module, cfg: OffloadConfig, plan: GpuBudge
                             model_dir: Path | None) -> OffloadedExperts:
     """The backend for `model`, whose experts were loaded into host memory (`HostLoadedExperts`)."""
     host = _host_experts(model)
-    predictor = make_predictor(cfg, model, model_dir)
+    predictor = predictor_for(cfg, model, model_dir)
     if cfg.precision_mode == "full":
         hybrid = build_hybrid(host, cfg) if cfg.cpu_compute != "off" else None
-        return full_precision_backend(model, plan.slots, make_cache_policy(cfg, model_dir), predictor, cfg.timeline,
+        return full_precision_backend(model, plan.slots, policy_for(cfg, model_dir), predictor, cfg.timeline,
                                       hybrid)
     low_store = _low_precision_store(model, host, cfg, model_dir)
     high_slots, low_slots = split_pools(plan.slots, low_store.expert_bytes / host.store.expert_bytes,
                                         cfg.low_pool_fraction, model.cfg.moe.top_k)
-    return mixed_precision_backend(model, high_slots, low_slots, make_cache_policy(cfg, model_dir),
-                                   make_cache_policy(cfg, model_dir), low_store, cfg.precision_mode,
+    return mixed_precision_backend(model, high_slots, low_slots, policy_for(cfg, model_dir),
+                                   policy_for(cfg, model_dir), low_store, cfg.precision_mode,
                                    PrecisionThresholds(*cfg.precision_thresholds), predictor, cfg.timeline)
 
 
@@ -132,11 +132,11 @@ def _low_precision_store(model: nn.Module, host: HostLoadedExperts, cfg: Offload
                                       progress=cfg.progress)
 
 
-def make_cache_policy(cfg: OffloadConfig, model_dir: Path | None) -> CachePolicy:
+def policy_for(cfg: OffloadConfig, model_dir: Path | None) -> CachePolicy:
     """The policy `cfg.policy` (default: the registry's), its parameters from `cfg` or files beside the model."""
     return policy_from_args(cfg, model_dir, name=cfg.policy or DEFAULT_POLICY)
 
 
-def make_predictor(cfg: OffloadConfig, model: nn.Module, model_dir: Path | None) -> Predictor:
-    return registry_predictor(cfg.predictor or DEFAULT_PREDICTOR, model, model_dir, cfg.prefetch_depth,
+def predictor_for(cfg: OffloadConfig, model: nn.Module, model_dir: Path | None) -> Predictor:
+    return make_predictor(cfg.predictor or DEFAULT_PREDICTOR, model, model_dir, cfg.prefetch_depth,
                               cfg.predictor_path)
