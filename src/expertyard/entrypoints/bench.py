@@ -188,7 +188,7 @@ def bench_offloaded_batch(engine: LLMEngine, args, b: int, resident_ms: dict, co
     marks = {}
 
     def after_prefill():
-        backend.reset_stats()
+        backend.reset_stats(record_visits=True)
         marks["decode_from"] = len(backend.visits)
 
     row = {"batch": b, "expertyard": bench_engine(engine, prompts, args.decode_tokens, after_prefill, **sample)}
@@ -210,7 +210,7 @@ def bench_offloaded_batch(engine: LLMEngine, args, b: int, resident_ms: dict, co
     link_ms = 1e3 * row["belady_bytes_per_token"] * b / (copy_bandwidth["h2d_pinned_GBps"] * 1e9)
     hybrid = backend.hybrid
     if hybrid is not None:  # the best per-layer split of the run's own misses, and of Belady's
-        row["bound_ms_per_step"] = resident_ms[b] + 1e3 * hybrid.bound_s() / steps
+        row["bound_ms_per_step"] = resident_ms[b] + 1e3 * hybrid.stats.bound_s / steps
         if len(hybrid.stats.visits) == len(belady):
             at_belady = [(counts, [e for _, e in miss]) for (counts, _), miss in zip(hybrid.stats.visits, belady)]
             row["belady_bound_ms_per_step"] = resident_ms[b] + 1e3 * hybrid.bound_s(at_belady) / steps

@@ -32,8 +32,9 @@ class HybridStats:
     cpu_seconds: float = 0.0  # host time in CPU expert compute (including the result's staging)
     cpu_predicted: float = 0.0  # what the cost model predicted for the same work
     per_layer: dict[int, list[int]] = field(default_factory=dict)  # layer -> [on CPU, copied]
-    visits: list[tuple[dict[int, int], list[int]]] = field(default_factory=list)  # per visit: (expert -> tokens,
-    # the experts that missed)
+    bound_s: float = 0.0  # per visit, the best split of its misses at the start-up costs, summed
+    visits: list[tuple[dict[int, int], list[int]]] | None = None  # with `record_visits`: per visit (expert ->
+    # tokens, the experts that missed), for bounds at other miss sets (benchmarks)
 
 
 def best_split(cpu_costs: list[float], copy_s: float) -> tuple[int, float]:
@@ -66,8 +67,10 @@ class HybridExecutor:
         self._seen = [0.0, 0.0]  # predicted, measured seconds since start-up
         self.reset_stats()
 
-    def reset_stats(self) -> None:
-        self.stats = HybridStats()
+    def reset_stats(self, record_visits: bool = False) -> None:
+        """Counters afresh; `record_visits` also keeps every visit's routing (memory grows with the run: for
+        benchmarks, not for serving)."""
+        self.stats = HybridStats(visits=[] if record_visits else None)
 
     # ---- on the device's schedule ---------------------------------------------------------------------
     def stage_input(self, x: torch.Tensor, topk_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,9 +93,11 @@ class HybridExecutor:
         routing, flat [T * K]."""
         counts = Counter(ids)
         missed = [e for e in counts if state.slot_of((layer, e)) is None]
-        self.stats.visits.append((counts, list(missed)))
+        if self.stats.visits is not None:
+            self.stats.visits.append((counts, list(missed)))
         if not missed:
             return []
+        self.stats.bound_s += self._visit_bound_s(counts, missed)
         store = self.compute_engine.store
         candidates = [e for e in missed if store.in_memory((layer, e), self.precision)]  # not from disk files
         if self.mode == "on":
@@ -140,21 +145,20 @@ class HybridExecutor:
             self.cpu_scale = self._seen[1] / self._seen[0]
 
     # ---- reporting ------------------------------------------------------------------------------------
-    def bound_s(self, visits: list[tuple[dict[int, int], list[int]]] | None = None) -> float:
-        """Seconds the misses of `visits` (default: this run's; (expert -> tokens, missed experts) per visit) need
-        at least: per visit, the best split between the link and the CPU at the measured costs."""
-        total = 0.0
-        for counts, missed in self.stats.visits if visits is None else visits:
-            costs = sorted(self.costs.cpu_s(self.precision, counts[e]) for e in missed)
-            total += best_split(costs, self.copy_s)[1]
-        return total
+    def _visit_bound_s(self, counts: dict[int, int], missed: list[int]) -> float:
+        return best_split(sorted(self.costs.cpu_s(self.precision, counts[e]) for e in missed), self.copy_s)[1]
+
+    def bound_s(self, visits: list[tuple[dict[int, int], list[int]]]) -> float:
+        """Seconds the misses of `visits` ((expert -> tokens, missed experts) per visit) need at least: per visit,
+        the best split between the link and the CPU at the measured costs."""
+        return sum(self._visit_bound_s(counts, missed) for counts, missed in visits)
 
     def report(self, tokens: int) -> dict:
         s, tokens = self.stats, max(tokens, 1)
         return {"cpu_compute": self.mode, "cpu_precision": self.precision,
                 "cpu_experts_per_token": s.cpu_experts / tokens, "copied_misses_per_token": s.copied_experts / tokens,
 "cpu_ms_per_token": 1e3 * s.cpu_seconds / tokens,
-                "miss_bound_ms_per_token": 1e3 * self.bound_s() / tokens,
+                "miss_bound_ms_per_token": 1e3 * s.bound_s / tokens,
                 "cpu_measured_vs_model": s.cpu_seconds / s.cpu_predicted if s.cpu_predicted else 0.0,
                 "split_per_layer": {str(l): {"cpu": c, "copied": g} for l, (c, g) in sorted(s.per_layer.items())},
                 "costs": self.costs.to_dict()}
