@@ -143,3 +143,14 @@ def test_bad_input_is_a_clear_error(capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_calibrated_throughput_above_the_peak_is_clamped_and_said():
+    from expertyard.bench.plan_calibrate import _at_most_peak
+    from expertyard.plan.profiles import load_profile
+
+    base, sources = load_profile("h200"), {}
+    assert _at_most_peak(0.5 * base.peak_tflops, base, "expert_tflops", sources) == 0.5 * base.peak_tflops
+    assert sources == {}
+    assert _at_most_peak(1.3 * base.peak_tflops, base, "expert_tflops", sources) == base.peak_tflops
+    assert "clamped" in sources["expert_tflops"] and base.name in sources["expert_tflops"]

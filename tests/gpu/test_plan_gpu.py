@@ -47,7 +47,10 @@ def test_effective_figures_are_physical(calibrated):
     pm = PerfModel(model_costs(model_config_for("mixtral-8x7b")), p, p, Workload(2048))
     fit = next(f for f in p.fits if f["module"] == "experts")
     line = pm.expert_line(1, 1)
-    assert line.slope == pytest.approx(fit["k_slope"], rel=0.05)
+    if "clamped" in p.sources.get("expert_tflops", ""):  # a slower, physical figure: the line is no steeper than 1.5x
+        assert fit["k_slope"] <= line.slope < 1.5 * fit["k_slope"]
+    else:
+        assert line.slope == pytest.approx(fit["k_slope"], rel=0.05)
     assert line.intercept == pytest.approx(fit["k_intercept"], rel=0.5)  # overhead clamped at >= 0
 
 

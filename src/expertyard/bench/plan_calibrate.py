@@ -208,6 +208,7 @@ def calibrate(cfg: ModelConfig, label: str, device: torch.device, dtype: torch.d
     expert_tflops = c.expert_flops_per_pair / compute / 1e12 if compute > 0 else base.expert_tflops
     if compute <= 0:
         sources["expert_tflops"] = f"base profile {base.name}: the expert slope was too small to solve"
+    expert_tflops = _at_most_peak(expert_tflops, base, "expert_tflops", sources)
 
     s1, s2 = context_len, max(1, context_len // 4)
     att1, attn_params = attention_points(cfg, device, dtype, batches, s1, repeats, graphs)
@@ -224,6 +225,7 @@ def calibrate(cfg: ModelConfig, label: str, device: torch.device, dtype: torch.d
     attn_tflops = 2.0 * attn_params / alpha / 1e12 if alpha > 0 else base.attn_tflops
     if alpha <= 0:
         sources["attn_tflops"] = f"base profile {base.name}: the per-token projection time was too small to solve"
+    attn_tflops = _at_most_peak(attn_tflops, base, "attn_tflops", sources)
     attn_overhead = max(0.0, (g1.intercept + g2.intercept) / 2 - attn_params * elt / weight_bps)
 
     link = {}
@@ -244,6 +246,16 @@ def calibrate(cfg: ModelConfig, label: str, device: torch.device, dtype: torch.d
         expert_tflops=expert_tflops, attn_overhead_us=attn_overhead * 1e6, expert_overhead_us=expert_overhead * 1e6,
         **link, sources=sources, fits=fits)
     return _with_step_term(profile, c, null, step_reason, base.name)
+
+
+def _at_most_peak(tflops: float, base, key: str, sources: dict) -> float:
+    """A solved throughput above the device's peak is noise in a small difference of slopes (the line's slope over
+    a range that starts memory-bound): clamp it to the peak and say so in `sources`."""
+    if tflops <= base.peak_tflops:
+        return tflops
+    sources[key] = (f"clamped to the peak {base.peak_tflops:g} TFLOPS of base profile {base.name}: "
+                    f"{tflops:,.0f} TFLOPS was solved from a slope within the noise")
+    return float(base.peak_tflops)
 
 
 STEP_KEY = "step_overhead_us, step_overhead_per_seq_us"
