@@ -12,6 +12,7 @@ from expertyard.loader import load_model
 from conftest import ARCH_CASES
 from test_hybrid_offload import check_low_precision_cpu_compute, hybrid_engine
 from test_offload import _prompts, resident_tokens_and_logprobs
+from test_shared_int4 import check_both_pipes
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -65,3 +66,10 @@ def test_cost_model_is_measured_on_this_machine(tiny_checkpoint):
     costs = measure_costs(CpuExpertStore(host.store, host.keys, {"full", "int4"}, progress=False), host.device)
     assert costs.pcie_bytes_per_s > 1e9 and costs.link == "pinned host->device"
     assert 0 < costs.cpu_s("full", 1) <= costs.cpu_s("full", 64)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_cuda_int4_on_both_pipes_equals_the_dequantized_model(graphs):
+    """int4 copies converted on the device from the CPU's own int4 buffers (pinned), misses split between the link
+    and the CPU, eagerly and in piecewise CUDA graphs: the tokens of the model whose experts are those copies."""
+    check_both_pipes("cuda", 5e-3, graphs=graphs)

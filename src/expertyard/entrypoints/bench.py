@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from expertyard.entrypoints.common import (add_model_args, add_offload_args, asy
                                           load_from_args, resolve_device)
 from expertyard.entrypoints.disagg_flags import add_disagg_args
 from expertyard.errors import ConfigError
-from expertyard.experts.offload.build import build_offloaded_experts
+from expertyard.experts.offload.build import build_offloaded_experts, plan_budget
 from expertyard.loader.load import LoadedModel
 
 
@@ -134,8 +135,11 @@ def _emit(result: dict, args, print_fn) -> int:
     return 0
 
 
-HYBRID_SWEEP = (("copy-only", "off", "full"), ("CPU-only", "on", "full"), ("hybrid", "auto", "full"),
-                ("hybrid int4", "auto", "int4"))
+HYBRID_SWEEP = (("copy-only", {"cpu_compute": "off"}), ("CPU-only", {"cpu_compute": "on"}),
+                ("hybrid", {"cpu_compute": "auto"}), ("hybrid int4", {"cpu_compute": "auto", "cpu_precision": "int4"}),
+                ("int4 both", {"cpu_compute": "auto", "cpu_precision": "int4", "precision": "low",
+                               "low_precision_bits": 4}))
+_SWEPT = {"cpu_compute": "auto", "cpu_precision": "full", "precision": None, "low_precision_bits": None}
 
 
 def run_offloaded(args, batch_sizes: list[int]) -> int:
@@ -157,18 +161,25 @@ def run_offloaded(args, batch_sizes: list[int]) -> int:
     if device.type == "cuda":
         result["copy_bandwidth"] = measure_copy_bandwidth(device)
         torch.cuda.reset_peak_memory_stats(device)
-    configs = [(label, dataclasses.replace(engine.config.offload, cpu_compute=mode, cpu_precision=precision))
-               for label, mode, precision in HYBRID_SWEEP] if args.hybrid_sweep else [(None, engine.config.offload)]
+    same_budget = {"gpu_memory_budget": plan.budget, "expert_cache_fraction": None}  # int4 slots: more of them
+    configs = [(label, dataclasses.replace(engine.config.offload, **(_SWEPT | same_budget | changes)))
+               for label, changes in HYBRID_SWEEP] if args.hybrid_sweep else [(None, engine.config.offload)]
     resident_ms: dict[int, float | None] = {}
     for label, offload in configs:
         if offload is not engine.config.offload:
             previous = engine.model.experts.host
             engine.model.set_expert_backend(previous)  # the previous cache goes before the next one is allocated
+            gc.collect()  # with its host copies (low-precision CPU copies are tens of GiB at Mixtral's size)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            engine.model.set_expert_backend(build_offloaded_experts(engine.model, offload, plan, engine.model_path))
+            engine.offload_plan = plan_budget(engine.model, offload, plan.kv_cache_bytes, engine.max_model_len,
+                                              engine.config.max_num_batched_tokens, engine.dtype, device)
+            engine.model.set_expert_backend(build_offloaded_experts(engine.model, offload, engine.offload_plan,
+                                                                    engine.model_path))
         for b in batch_sizes:
             row = bench_offloaded_batch(engine, args, b, resident_ms, result.get("copy_bandwidth"))
+            if engine.offload_plan.describe() != plan.describe():
+                row["budget"] = engine.offload_plan.describe()
             result["runs"].append(({"config": label} if label else {}) | row)
     if args.timeline and engine.model.experts.timeline is not None:
         engine.model.experts.timeline.write(args.timeline)

@@ -59,10 +59,13 @@ def _size(n: float) -> str:
 
 class CpuExpertStore:
     def __init__(self, host_store: HostExpertStore, keys: list[ExpertKey], precisions, group_size: int | None = None,
-                 progress: bool = True):
+                 progress: bool = True, int4_buffers: bool = False, pin: bool = False):
         """Build the low-precision CPU copies of every expert in `keys` (Mixtral-8x7B, 16 cores: ~0.5 s an expert
-        for int4, ~0.8 s for int8 and int4). ConfigError when host RAM cannot hold them."""
+        for int4, ~0.8 s for int8 and int4). ConfigError when host RAM cannot hold them. `int4_buffers`: each
+        int4 expert in one buffer (`int4_buffer`, pinned with `pin`) that the device's int4 pool copies as it is."""
         self.host = host_store
+        self.int4_buffers, self.pin = int4_buffers, pin
+        self._int4_buffers: dict[ExpertKey, torch.Tensor] = {}
         self.keys = list(keys)
         self.precisions = parse_precisions(precisions)
         self.hidden, self.inter, self.dtype = host_store.hidden, host_store.inter, host_store.dtype
@@ -92,6 +95,8 @@ class CpuExpertStore:
             w13, w2 = self._weights(key)
             for p in low:
                 self._low[p][key] = quantize_for_cpu(w13, w2, _BITS[p], self.group_size, self.dtype)
+            if self.int4_buffers and "int4" in self._low:
+                self._int4_buffers[key] = _into_one_buffer(self._low["int4"][key], self.pin)
 
     def _check_ram(self, per_expert: dict[str, int]) -> None:
         need_by = {p: n * len(self.keys) for p, n in per_expert.items()}
@@ -144,6 +149,11 @@ class CpuExpertStore:
             raise KeyError(f"precision {precision!r} was not built; this store has {sorted(self.precisions)}")
         return self._low[precision][key]
 
+    def int4_buffer(self, key: ExpertKey) -> torch.Tensor:
+        """The int4 copy of `key` as one pinned uint8 buffer: w13 packed, w13 scale_and_zero, w2 packed, w2
+        scale_and_zero, back to back (built with `int4_buffers`)."""
+        return self._int4_buffers[key]
+
     def in_memory(self, key: ExpertKey, precision: str) -> bool:
         """True when computing `key` in `precision` reads no file."""
         return self.host.in_memory(key) if precision == "full" else key in self._low.get(precision, {})
@@ -158,3 +168,19 @@ class CpuExpertStore:
     def memory_bytes(self) -> int:
         """Host bytes the low-precision copies hold (full precision adds none)."""
         return sum(self._nbytes[p] * len(self.keys) for p in self._low)
+
+
+def _into_one_buffer(expert, pin: bool) -> torch.Tensor:
+    """Move an Int4CpuExpert's four tensors into one uint8 buffer (the expert keeps views on it)."""
+    mats = (expert.w13, expert.w2)
+    parts = [t for m in mats for t in (m.packed, m.scale_and_zero)]
+    buf = torch.empty(sum(t.numel() * t.element_size() for t in parts), dtype=torch.uint8, pin_memory=pin)
+    views, pos = [], 0
+    for t in parts:
+        n = t.numel() * t.element_size()
+        v = buf[pos:pos + n].view(t.dtype).view(t.shape)
+        v.copy_(t)
+        views.append(v)
+        pos += n
+    (mats[0].packed, mats[0].scale_and_zero, mats[1].packed, mats[1].scale_and_zero) = views
+    return buf

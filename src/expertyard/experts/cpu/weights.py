@@ -257,6 +257,30 @@ class Int4Matrix:
         return F.linear(x, ((codes.to(x.dtype) - 8) * s + z).to(x.dtype))  # [Np, Kp] dequantized per call
 
 
+def int4_block_rows(rows: int, cols: int = 64) -> int | None:
+    """How this CPU's int4 kernel lays out packed codes of a [rows, cols] matrix: the row block B such that
+    `unpack_int4_codes` inverts it, found by packing a random probe (torch picks the layout by the CPU's vector
+    width: x86 with AVX-512 pairs rows n and n + 32 of each 64-row block). None when no known layout matches."""
+    if not HAS_INT4_KERNEL:
+        return 0
+    q = torch.randint(0, 16, (rows, cols), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+    for block in (64, 32, 16, 0):
+        if (block == 0 or rows % block == 0) and torch.equal(unpack_int4_codes(packed, rows, cols, block).int(), q):
+            return block
+    return None
+
+
+def unpack_int4_codes(packed: torch.Tensor, rows: int, cols: int, block: int) -> torch.Tensor:
+    """Packed int4 codes [rows, cols / 2] uint8 (any device) -> codes [rows, cols] uint8 in 0..15. `block` B: the
+    byte at [b, k, j] of the [rows / B, cols, B / 2] view holds row b B + j in its low nibble and row
+    b B + B / 2 + j in its high one; B = 0: two consecutive columns a byte, low nibble first."""
+    if block == 0:
+        return torch.stack([packed & 15, packed >> 4], dim=2).reshape(rows, cols)
+    b = packed.reshape(rows // block, cols, block // 2)  # [R/B, C, B/2]
+    return torch.cat([b & 15, b >> 4], dim=2).transpose(1, 2).reshape(rows, cols)  # [R/B, B, C] -> [R, C]
+
+
 class Int4CpuExpert(CpuExpert):
     precision = "int4"
 

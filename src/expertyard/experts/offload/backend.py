@@ -31,7 +31,7 @@ from expertyard.experts.backend import ExpertBackend
 from expertyard.experts.cache_state import CacheCounters
 from expertyard.experts.offload.host_loader import HostLoadedExperts
 from expertyard.experts.mixed_cache import LOW_POOL, MixedPrecisionCache, PoolLoad, PrecisionCounters, adaptive_prefetch
-from expertyard.experts.offload.slot_pool import FullPrecisionPool, LowPrecisionPool, SlotPool
+from expertyard.experts.offload.slot_pool import LowPrecisionPool, SlotPool
 from expertyard.experts.offload.transfer import TransferEngine
 from expertyard.experts.precision import LOW, PrecisionThresholds, pair_plan
 from expertyard.experts.predictors.base import NoPredictor, Predictor
@@ -44,17 +44,19 @@ class OffloadedExperts(ExpertBackend):
 
     graph_safe = False  # the host learns each layer's routing: decode runs in per-layer graph pieces
 
-    def __init__(self, cfg: ModelConfig, host: HostLoadedExperts, high: FullPrecisionPool,
+    def __init__(self, cfg: ModelConfig, host: HostLoadedExperts, pool: SlotPool,
                  transfer: TransferEngine, predictor: Predictor | None = None, low: LowPrecisionPool | None = None,
                  mixed: MixedPrecisionCache | None = None, precision_mode: str = "full",
                  thresholds: PrecisionThresholds | None = None, hybrid=None):
-        self.cfg, self.host, self.store, self.device = cfg, host, host.store, high.device
+        self.cfg, self.host, self.store, self.device = cfg, host, host.store, pool.device
         self.num_experts = cfg.moe.num_experts
         self.keys = host.keys
         self.expert_bytes = self.store.expert_bytes
-        self.high, self.low, self.mixed = high, low, mixed
-        self.pools: dict[str, SlotPool] = {high.name: high} | ({low.name: low} if low is not None else {})
-        self.state = high.state  # the full-precision bookkeeping (also used by visits too large for the pools)
+        # `pool`: the cache of the one-pool paths (full precision, or int4 shared with the CPU); with `mixed`, the
+        # full-precision pool beside `low`
+        self.pool, self.high, self.low, self.mixed = pool, pool, low, mixed
+        self.pools: dict[str, SlotPool] = {pool.name: pool} | ({low.name: low} if low is not None else {})
+        self.state = pool.state  # its bookkeeping (also used by visits too large for the pools)
         self.transfer = transfer
         self.predictor = predictor or NoPredictor()
         self.precision_mode = precision_mode
@@ -165,7 +167,7 @@ class OffloadedExperts(ExpertBackend):
         staged = self.hybrid.stage_input(x, topk_w) if self.hybrid is not None else None  # lands with the routing
         started = self._start_routing([topk_ids] + [p for _, p in preds])
         with self.transfer.span(f"moe L{layer}", compute):
-            y = self.high.ffn(x, self.high.table[layer][topk_ids], topk_w)  # resident pairs only
+            y = self.pool.ffn(x, self.pool.table[layer][topk_ids], topk_w)  # resident pairs only
         flat = self._read_routing(started)
         ids, pred_ids = self._split(flat, topk_ids.shape, preds)
         used = list(dict.fromkeys(ids))
@@ -174,14 +176,14 @@ class OffloadedExperts(ExpertBackend):
         copied = [e for e in used if e not in on_cpu]
         loads = self.state.access(layer, copied, self.now)
         if loads:
-            self.transfer.copy(self.high, loads)
+            self.transfer.copy(self.pool, loads)
             if self.cuda:
-                self.transfer.wait(compute, self.high.ready_events(loads))
+                self.transfer.wait(compute, self.pool.ready_events(loads))
             missed = {ld.key[1]: ld.slot for ld in loads}
             miss_slots = self._slots_tensor([missed.get(e, -1) for e in ids], topk_ids.shape)
             with self.transfer.span(f"moe miss L{layer}", compute):
-                y = y + self.high.ffn(x, miss_slots, topk_w)
-        self.high.mark_read(compute, layer, copied)
+                y = y + self.pool.ffn(x, miss_slots, topk_w)
+        self.pool.mark_read(compute, layer, copied)
         self.state.end_visit(layer, copied)  # first, so that a prediction may replace what this layer just used
         if on_cpu:
             with self.transfer.host_span(f"cpu L{layer}: {len(on_cpu)} experts"):
@@ -204,15 +206,15 @@ class OffloadedExperts(ExpertBackend):
         for start in range(0, len(used), room):
             group = used[start:start + room]
             loads = self.state.access(layer, group, self.now)
-            self.transfer.copy(self.high, loads)
+            self.transfer.copy(self.pool, loads)
             if self.cuda:
-                self.transfer.wait(compute, self.high.ready_events(loads))
+                self.transfer.wait(compute, self.pool.ready_events(loads))
             slot_of = {e: self.state.slot_of((layer, e)) for e in group}
             slots = self._slots_tensor([slot_of.get(e, -1) for e in ids], topk_ids.shape)
             with self.transfer.span(f"moe L{layer}", compute):
-                part = self.high.ffn(x, slots, topk_w)
+                part = self.pool.ffn(x, slots, topk_w)
             y = part if y is None else y + part
-            self.high.mark_read(compute, layer, group)
+            self.pool.mark_read(compute, layer, group)
             self.state.end_visit(layer, group)
         self._prefetch(pred_ids)
         return y
@@ -297,8 +299,8 @@ class OffloadedExperts(ExpertBackend):
             ready = [(self.pools[pl.pool], pl.load) for pl in pool_loads]
         else:
             loads = self.state.prefetch(keys, self.now)
-            self.transfer.copy(self.high, loads)
-            ready = [(self.high, ld) for ld in loads]
+            self.transfer.copy(self.pool, loads)
+            ready = [(self.pool, ld) for ld in loads]
         if self.cuda:
             for pool, ld in ready:
                 self.pending.setdefault(ld.key[0], []).append(pool.ready[ld.slot])

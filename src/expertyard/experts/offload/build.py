@@ -19,6 +19,7 @@ from expertyard.experts.offload.budget import GpuBudgetPlan, budget_for_fraction
 from expertyard.experts.offload.config import OffloadConfig
 from expertyard.experts.offload.host_loader import HostLoadedExperts
 from expertyard.experts.offload.hybrid import HybridExecutor
+from expertyard.experts.offload.shared_int4 import CpuInt4Source, SharedInt4Pool, shared_layout
 from expertyard.experts.offload.slot_pool import FullPrecisionPool, LowPrecisionPool
 from expertyard.experts.offload.transfer import TransferEngine
 from expertyard.experts.policies import DEFAULT_POLICY, CachePolicy, policy_from_args
@@ -40,6 +41,10 @@ def plan_budget(model: nn.Module, cfg: OffloadConfig, kv: int, max_model_len: in
     expert_bytes = mcfg.expert_bytes(elt)
     resident = sum(p.numel() * p.element_size() for p in model.parameters())
     workspace = workspace_bytes(mcfg, max_num_batched_tokens, max_model_len, elt)
+    if cfg.shares_int4_copies:  # int4 slots, and the staging buffer + temporaries of the on-device conversion
+        layout = shared_layout(mcfg.hidden_size, mcfg.moe.intermediate_size, cfg.group_size)
+        expert_bytes = layout.nbytes
+        workspace += 2 * layout.nbytes + 8 * mcfg.moe.intermediate_size * mcfg.hidden_size
     budget = cfg.gpu_memory_budget
     if budget is None:
         budget = budget_for_fraction(cfg.expert_cache_fraction, mcfg, resident, kv, workspace, expert_bytes)
@@ -52,6 +57,8 @@ def build_offloaded_experts(model: nn.Module, cfg: OffloadConfig, plan: GpuBudge
     """The backend for `model`, whose experts were loaded into host memory (`HostLoadedExperts`)."""
     host = _host_experts(model)
     predictor = predictor_for(cfg, model, model_dir)
+    if cfg.shares_int4_copies:
+        return shared_int4_backend(model, plan.slots, cfg, policy_for(cfg, model_dir), predictor)
     if cfg.precision_mode == "full":
         hybrid = build_hybrid(host, cfg) if cfg.cpu_compute != "off" else None
         return full_precision_backend(model, plan.slots, policy_for(cfg, model_dir), predictor, cfg.timeline,
@@ -74,16 +81,36 @@ def full_precision_backend(model: nn.Module, slots: int, policy: CachePolicy, pr
     return OffloadedExperts(mcfg, host, high, TransferEngine(host.device, timeline), predictor, hybrid=hybrid)
 
 
-def build_hybrid(host: HostLoadedExperts, cfg: OffloadConfig) -> HybridExecutor:
-    """CPU expert compute from host memory (and the `cpu_precision` copies it needs, made now), with the cost
-    model's figures measured on this machine."""
+def build_hybrid(host: HostLoadedExperts, cfg: OffloadConfig, store: CpuExpertStore | None = None,
+                 copy_bytes: int | None = None) -> HybridExecutor:
+    """CPU expert compute from host memory (and the `cpu_precision` copies it needs, made now unless `store` has
+    them), with the cost model's figures measured on this machine; a copy over the link moves `copy_bytes`
+    (default: a full-precision expert)."""
     if cfg.cpu_threads is not None:
         set_cpu_threads(cfg.cpu_threads)
-    precisions = {"full", cfg.cpu_precision}
-    store = CpuExpertStore(host.store, host.keys, precisions, progress=cfg.progress)
+    if store is None:
+        store = CpuExpertStore(host.store, host.keys, {"full", cfg.cpu_precision}, progress=cfg.progress)
     costs = measure_costs(store, host.device, [cfg.cpu_precision])
     return HybridExecutor(CpuExpertCompute(store), costs, cfg.cpu_compute, cfg.cpu_precision, host.device,
-                          host.dtype)
+                          host.dtype, copy_bytes=copy_bytes)
+
+
+def shared_int4_backend(model: nn.Module, slots: int, cfg: OffloadConfig, policy: CachePolicy,
+                        predictor: Predictor | None = None) -> OffloadedExperts:
+    """int4 on both pipes: `slots` device slots of int4 copies made from the host CPU's own int4 copies; each miss
+    is copied (as int4) or computed on the CPU, by the cost model."""
+    host, mcfg = _host_experts(model), model.cfg
+    if slots < mcfg.moe.top_k:
+        raise ConfigError(f"an expert cache of {slots} int4 slots cannot hold the {mcfg.moe.top_k} experts of one "
+                          "token")
+    shared_layout(mcfg.hidden_size, mcfg.moe.intermediate_size, cfg.group_size)  # shape errors before quantizing
+    store = CpuExpertStore(host.store, host.keys, {"full", "int4"}, cfg.group_size, progress=cfg.progress,
+                           int4_buffers=True, pin=host.device.type == "cuda")
+    source = CpuInt4Source(store)
+    pool = SharedInt4Pool(mcfg, ExpertCacheState(slots, policy), source, host.device, host.dtype)
+    hybrid = build_hybrid(host, cfg, store, copy_bytes=source.expert_bytes)
+    return OffloadedExperts(mcfg, host, pool, TransferEngine(host.device, cfg.timeline), predictor,
+                            precision_mode="low", hybrid=hybrid)
 
 
 def mixed_precision_backend(model: nn.Module, high_slots: int, low_slots: int, high_policy: CachePolicy,

@@ -102,10 +102,21 @@ class OffloadConfig:
         if self.cpu_threads is not None and not 1 <= self.cpu_threads <= available:
             raise ConfigError(f"--cpu-threads {self.cpu_threads} is out of range: this process may use 1 to "
                               f"{available} CPUs; leave it out for the default (the physical cores)")
-        if self.cpu_compute == "on" and self.precision in ("mixed", "low"):
-            raise ConfigError(f"--cpu-compute on computes misses on the CPU from --cpu-precision copies; it does not "
-                              f"combine with --precision {self.precision} (the device's low-precision pool): use "
-                              "--cpu-precision int4 instead, or --precision full")
+        if self.precision_mode == "mixed" and (self.cpu_compute == "on" or self.cpu_precision != "full"):
+            raise ConfigError("the host CPU computes misses of a full-precision cache (--precision full) or, with "
+                              "--precision low --cpu-precision int4, from the same int4 copies as the device "
+                              "(int4 on both pipes); token-level mixed precision (--low-precision without "
+                              "--precision low) keeps the CPU out: drop --cpu-compute on / --cpu-precision, or add "
+                              "--precision low")
+        if self.precision_mode == "low" and self.cpu_compute != "off":
+            if self.cpu_compute == "on" and self.cpu_precision != "int4":
+                raise ConfigError("--cpu-compute on with --precision low computes misses from the device's int4 "
+                                  "copies: add --cpu-precision int4")
+            if self.cpu_precision == "int8":
+                raise ConfigError("--precision low shares its int4 copies with the CPU: use --cpu-precision int4")
+            if self.cpu_precision == "int4" and self.low_precision_bits != 4:
+                raise ConfigError(f"--cpu-precision int4 with --precision low shares one int4 copy between the "
+                                  f"device and the CPU: use --low-precision int4, not int{self.low_precision_bits}")
         if self.cpu_compute == "off" and (self.cpu_threads is not None or self.cpu_precision != "full"):
             raise ConfigError("--cpu-threads / --cpu-precision set the host CPU's expert compute, which "
                               "--cpu-compute off turns off; drop them or use --cpu-compute auto")
@@ -123,3 +134,9 @@ class OffloadConfig:
     @property
     def precision_mode(self) -> PrecisionMode:
         return self.precision or ("mixed" if self.low_precision_bits is not None else "full")
+
+    @property
+    def shares_int4_copies(self) -> bool:
+        """int4 on both pipes: the device cache holds int4 copies, and misses are copied as int4 or computed from
+        the same copies on the host CPU."""
+        return self.precision_mode == "low" and self.cpu_compute != "off" and self.cpu_precision == "int4"

@@ -52,12 +52,13 @@ def best_split(cpu_costs: list[float], copy_s: float) -> tuple[int, float]:
 
 class HybridExecutor:
     def __init__(self, compute: CpuExpertCompute, costs: HybridCosts, mode: str, precision: str,
-                 device: torch.device, dtype: torch.dtype, learn: bool = True):
+                 device: torch.device, dtype: torch.dtype, learn: bool = True, copy_bytes: int | None = None):
         self.compute_engine, self.costs = compute, costs
         self.mode, self.precision = mode, precision  # mode "auto": cost model; "on": every miss on the CPU
         self.device, self.dtype = device, dtype
         self.cuda = device.type == "cuda"
-        self.copy_s = costs.copy_s(costs.expert_bytes["full"])
+        self.copy_bytes = copy_bytes or costs.expert_bytes["full"]  # what one copy moves over the link
+        self.copy_s = costs.copy_s(self.copy_bytes)
         store = compute.store
         # `on` with every expert readable at `precision` without its file: no miss ever needs a cache slot
         self.computes_every_miss = mode == "on" and all(store.in_memory(k, precision) for k in store.keys)

@@ -128,8 +128,11 @@ class LowPrecisionPool(SlotPool):
     def write(self, slot: int, src: torch.Tensor) -> None:
         self.weights[slot].copy_(src, non_blocking=self.cuda)
         if not self.cuda:
-            w13, w2 = dequantize_expert(src, self.layout, self.dtype)
-            self.w13[slot].copy_(w13), self.w2[slot].copy_(w2)
+            self._dequantize_slot(slot)
+
+    def _dequantize_slot(self, slot: int) -> None:
+        w13, w2 = dequantize_expert(self.weights[slot], self.layout, self.dtype)
+        self.w13[slot].copy_(w13), self.w2[slot].copy_(w2)
 
     def ffn(self, x, slots, weights):
         if not self.cuda:
