@@ -30,7 +30,7 @@ from expertyard.config import ModelConfig
 from expertyard.experts.backend import ExpertBackend
 from expertyard.experts.cache_state import CacheCounters
 from expertyard.experts.offload.host_loader import HostLoadedExperts
-from expertyard.experts.mixed_cache import LOW_POOL, MixedPrecisionCache, PoolLoad, PrecisionCounters, adaptive_prefetch
+from expertyard.experts.mixed_cache import MixedPrecisionCache, PoolLoad, PrecisionCounters, adaptive_prefetch
 from expertyard.experts.offload.slot_pool import LowPrecisionPool, SlotPool
 from expertyard.experts.offload.transfer import TransferEngine
 from expertyard.experts.precision import LOW, PrecisionThresholds, pair_plan
