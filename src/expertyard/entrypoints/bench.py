@@ -43,9 +43,11 @@ def add_parser(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0,
                    help="0: greedy decode; > 0: sample (seeded by --seed), so that random weights do not collapse "
                         "onto a few tokens and a few experts")
-    p.add_argument("--hybrid-sweep", action="store_true",
-                   help="with --offload: measure copy-only, CPU-only (every miss on the CPU), hybrid, and hybrid with "
-                        "int4 CPU copies side by side, on the same host copies")
+    p.add_argument("--hybrid-sweep", nargs="?", const="all", default=None, metavar="CONFIGS",
+                   help="with --offload: measure side by side, on the same host copies and budget: copy-only, "
+                        "CPU-only (every miss on the CPU), hybrid, hybrid-int4 (int4 CPU copies) and int4-both "
+                        "(int4 device cache and int4 CPU compute from the same copies); a comma-separated subset "
+                        "of those names, or all of them")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON result here")
     p.set_defaults(func=run)
 
@@ -82,6 +84,10 @@ def run(args) -> int:
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     if min(batch_sizes) < 1 or args.prompt_len < 1 or args.decode_tokens < 2:
         raise ConfigError("--batch-sizes, --prompt-len must be >= 1 and --decode-tokens >= 2")
+    if args.hybrid_sweep is not None:
+        if not args.offload:
+            raise ConfigError("--hybrid-sweep compares offloading configurations: add --offload")
+        sweep_configs(args.hybrid_sweep)  # names checked before anything loads
     if args.disaggregate:  # decode tok/s, per GPU and TPOT for each m (docs/disaggregation.md)
         from expertyard.entrypoints.disagg_cmd import bench, print_bench_table
 
@@ -135,10 +141,22 @@ def _emit(result: dict, args, print_fn) -> int:
     return 0
 
 
-HYBRID_SWEEP = (("copy-only", {"cpu_compute": "off"}), ("CPU-only", {"cpu_compute": "on"}),
-                ("hybrid", {"cpu_compute": "auto"}), ("hybrid int4", {"cpu_compute": "auto", "cpu_precision": "int4"}),
-                ("int4 both", {"cpu_compute": "auto", "cpu_precision": "int4", "precision": "low",
-                               "low_precision_bits": 4}))
+HYBRID_SWEEP = {"copy-only": {"cpu_compute": "off"}, "CPU-only": {"cpu_compute": "on"},
+                "hybrid": {"cpu_compute": "auto"}, "hybrid-int4": {"cpu_compute": "auto", "cpu_precision": "int4"},
+                "int4-both": {"cpu_compute": "auto", "cpu_precision": "int4", "precision": "low",
+                              "low_precision_bits": 4}}
+
+
+def sweep_configs(names: str) -> list[str]:
+    """The --hybrid-sweep rows asked for ("all", or a comma-separated subset of HYBRID_SWEEP's names)."""
+    if names == "all":
+        return list(HYBRID_SWEEP)
+    chosen = [n.strip() for n in names.split(",") if n.strip()]
+    bad = [n for n in chosen if n not in HYBRID_SWEEP]
+    if bad or not chosen:
+        raise ConfigError(f"--hybrid-sweep {names!r}: choose from {', '.join(HYBRID_SWEEP)} (comma-separated), or "
+                          "give no value for all of them")
+    return chosen
 _SWEPT = {"cpu_compute": "auto", "cpu_precision": "full", "precision": None, "low_precision_bits": None}
 
 
@@ -162,8 +180,8 @@ def run_offloaded(args, batch_sizes: list[int]) -> int:
         result["copy_bandwidth"] = measure_copy_bandwidth(device)
         torch.cuda.reset_peak_memory_stats(device)
     same_budget = {"gpu_memory_budget": plan.budget, "expert_cache_fraction": None}  # int4 slots: more of them
-    configs = [(label, dataclasses.replace(engine.config.offload, **(_SWEPT | same_budget | changes)))
-               for label, changes in HYBRID_SWEEP] if args.hybrid_sweep else [(None, engine.config.offload)]
+    configs = [(label, dataclasses.replace(engine.config.offload, **(_SWEPT | same_budget | HYBRID_SWEEP[label])))
+               for label in sweep_configs(args.hybrid_sweep)] if args.hybrid_sweep else [(None, engine.config.offload)]
     resident_ms: dict[int, float | None] = {}
     for label, offload in configs:
         if offload is not engine.config.offload:

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from expertyard.device import pin_for_life_of
 from expertyard.errors import CheckpointError, ConfigError
 from expertyard.experts.cpu.weights import (FLOAT_DTYPES, CpuExpert, FullCpuExpert, check_group_size,
                                             int4_nbytes, int8_nbytes, quantize_for_cpu)
@@ -65,6 +66,7 @@ class CpuExpertStore:
         int4 expert in one buffer (`int4_buffer`, pinned with `pin`) that the device's int4 pool copies as it is."""
         self.host = host_store
         self.int4_buffers, self.pin = int4_buffers, pin
+        self.pinned_int4 = False
         self._int4_buffers: dict[ExpertKey, torch.Tensor] = {}
         self.keys = list(keys)
         self.precisions = parse_precisions(precisions)
@@ -91,12 +93,16 @@ class CpuExpertStore:
         if not low or not self.keys:
             return
         self._check_ram({p: self._nbytes[p] for p in low})
+        if self.int4_buffers and "int4" in self._low:  # every int4 expert in a row of one allocation
+            self._int4_pool = torch.empty(len(self.keys), self._nbytes["int4"], dtype=torch.uint8)
         for key in tqdm(self.keys, desc=f"CPU expert copies ({', '.join(low)})", unit="expert", disable=not progress):
             w13, w2 = self._weights(key)
             for p in low:
                 self._low[p][key] = quantize_for_cpu(w13, w2, _BITS[p], self.group_size, self.dtype)
             if self.int4_buffers and "int4" in self._low:
-                self._int4_buffers[key] = _into_one_buffer(self._low["int4"][key], self.pin)
+                self._int4_buffers[key] = _into_row(self._low["int4"][key], self._int4_pool[len(self._int4_buffers)])
+        if self.int4_buffers and self.pin:
+            self.pinned_int4 = pin_for_life_of(self, self._int4_pool)  # one registration, not one per expert
 
     def _check_ram(self, per_expert: dict[str, int]) -> None:
         need_by = {p: n * len(self.keys) for p, n in per_expert.items()}
@@ -150,8 +156,8 @@ class CpuExpertStore:
         return self._low[precision][key]
 
     def int4_buffer(self, key: ExpertKey) -> torch.Tensor:
-        """The int4 copy of `key` as one pinned uint8 buffer: w13 packed, w13 scale_and_zero, w2 packed, w2
-        scale_and_zero, back to back (built with `int4_buffers`)."""
+        """The int4 copy of `key` as one uint8 buffer (pinned with `pin`): w13 packed, w13 scale_and_zero, w2
+        packed, w2 scale_and_zero, back to back (built with `int4_buffers`)."""
         return self._int4_buffers[key]
 
     def in_memory(self, key: ExpertKey, precision: str) -> bool:
@@ -170,17 +176,18 @@ class CpuExpertStore:
         return sum(self._nbytes[p] * len(self.keys) for p in self._low)
 
 
-def _into_one_buffer(expert, pin: bool) -> torch.Tensor:
-    """Move an Int4CpuExpert's four tensors into one uint8 buffer (the expert keeps views on it)."""
+def _into_row(expert, row: torch.Tensor) -> torch.Tensor:
+    """Move an Int4CpuExpert's four tensors into `row` [nbytes] uint8 (the expert keeps views on it)."""
     mats = (expert.w13, expert.w2)
     parts = [t for m in mats for t in (m.packed, m.scale_and_zero)]
-    buf = torch.empty(sum(t.numel() * t.element_size() for t in parts), dtype=torch.uint8, pin_memory=pin)
     views, pos = [], 0
     for t in parts:
         n = t.numel() * t.element_size()
-        v = buf[pos:pos + n].view(t.dtype).view(t.shape)
+        v = row[pos:pos + n].view(t.dtype).view(t.shape)
         v.copy_(t)
         views.append(v)
         pos += n
+    if pos != row.numel():
+        raise AssertionError(f"an int4 expert has {pos} bytes, its row {row.numel()}")
     (mats[0].packed, mats[0].scale_and_zero, mats[1].packed, mats[1].scale_and_zero) = views
-    return buf
+    return row
