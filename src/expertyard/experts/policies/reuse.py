@@ -27,6 +27,8 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Iterable
 
+import numpy as np
+
 from expertyard.experts.policies.base import CachePolicy, ExpertKey
 
 MAX_AGE = 128  # reuse distances above this many sweeps share one histogram bucket (their exact sum is kept)
@@ -60,6 +62,8 @@ class ReusePolicy(CachePolicy):
         self.hist = [0] * (MAX_AGE + 1)
         self.sums = [0] * (MAX_AGE + 1)
         self.m = expected_wait(self.hist, self.sums)
+        self._m = np.array(self.m)  # [MAX_AGE + 1] float64, for `victim`
+        self.touched = _TouchTable()  # the resident keys' last touch as arrays: `victim` scores them at once
 
     def _see(self, layer: int) -> None:
         if layer not in self.pos:
@@ -73,6 +77,7 @@ class ReusePolicy(CachePolicy):
         if self.visit >= 0 and layer <= self.layer:
             self.sweep += 1
             self.m = expected_wait(self.hist, self.sums)
+            self._m = np.array(self.m)
         self._see(layer)
         self.layer, self.visit = layer, now
 
@@ -86,14 +91,19 @@ class ReusePolicy(CachePolicy):
             self.hist[b] += 1
             self.sums[b] += r
         self.last_use[key] = self.sweep
-        self.last_touch[key] = (self.sweep, now)
+        self._touch(key, now)
 
     def on_insert(self, key: ExpertKey, now: int) -> None:
         self._see(key[0])
-        self.last_touch[key] = (self.sweep, now)
+        self._touch(key, now)
 
     def on_evict(self, key: ExpertKey) -> None:
         self.last_touch.pop(key, None)
+        self.touched.remove(key)
+
+    def _touch(self, key: ExpertKey, now: int) -> None:
+        self.last_touch[key] = (self.sweep, now)
+        self.touched.set(key, self.sweep, now)
 
     def estimate(self, key: ExpertKey) -> float:
         """Expected visits until `key` is used again (the eviction score: the largest goes)."""
@@ -106,10 +116,56 @@ class ReusePolicy(CachePolicy):
         return d + n * self.m[min(a, MAX_AGE)]
 
     def victim(self, candidates: Iterable[ExpertKey], now: int) -> ExpertKey:
-        best, best_rank = None, None
-        for k in candidates:
-            t = self.last_touch[k]
-            rank = (self.estimate(k), -t[1], -k[0], -k[1])
-            if best_rank is None or rank > best_rank:
-                best, best_rank = k, rank
-        return best
+        """The largest `estimate`, then the oldest last touch, then the smallest key: scored as arrays over the
+        candidates (a cache of hundreds of experts evicts on most misses), with `estimate`'s float64 arithmetic."""
+        t = self.touched
+        rows = np.fromiter((t.row[k] for k in candidates), dtype=np.int64)
+        n, cur = len(self.layers), self.pos.get(self.layer, -1)
+        p = self._layer_pos[t.layer[rows]]  # [C] position of each candidate's layer
+        d = (p - cur - 1) % n
+        chance = np.where(p > cur, self.sweep, self.sweep + 1)
+        score = d + n * self._m[np.minimum(chance - t.sweep[rows], MAX_AGE)]  # [C] float64
+        best = rows[score == score.max()]
+        if len(best) > 1:  # ties: the oldest touch, then the smallest (layer, expert)
+            best = best[np.lexsort((t.expert[best], t.layer[best], t.now[best]))]
+        return int(t.layer[best[0]]), int(t.expert[best[0]])
+
+    @property
+    def _layer_pos(self) -> np.ndarray:
+        """[max layer + 1] position of each seen layer among the MoE layers (-1: not seen)."""
+        if self._pos_cache[0] != len(self.layers):
+            table = np.full(self.layers[-1] + 1, -1, dtype=np.int64)
+            table[self.layers] = np.arange(len(self.layers))
+            self._pos_cache = (len(self.layers), table)
+        return self._pos_cache[1]
+
+    _pos_cache: tuple[int, np.ndarray] = (0, np.zeros(0, dtype=np.int64))
+
+
+class _TouchTable:
+    """Resident keys in rows of int64 arrays: layer, expert, sweep and `now` of the latest use or load."""
+
+    def __init__(self, capacity: int = 64):
+        self.row: dict[ExpertKey, int] = {}
+        self.free: list[int] = []
+        self.layer, self.expert, self.sweep, self.now = (np.zeros(capacity, dtype=np.int64) for _ in range(4))
+
+    def set(self, key: ExpertKey, sweep: int, now: int) -> None:
+        r = self.row.get(key)
+        if r is None:
+            r = self.free.pop() if self.free else self._grow()
+            self.row[key] = r
+            self.layer[r], self.expert[r] = key
+        self.sweep[r], self.now[r] = sweep, now
+
+    def remove(self, key: ExpertKey) -> None:
+        r = self.row.pop(key, None)
+        if r is not None:
+            self.free.append(r)
+
+    def _grow(self) -> int:
+        n = len(self.row) + len(self.free)
+        if n == len(self.layer):
+            self.layer, self.expert, self.sweep, self.now = (np.concatenate([a, np.zeros_like(a)]) for a in
+                                                             (self.layer, self.expert, self.sweep, self.now))
+        return n
