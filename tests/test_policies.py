@@ -165,7 +165,7 @@ class Checked:
         self.inner.on_evict(key)
 
 
-@pytest.mark.parametrize("policy", ["lru", "lfu", "layer-distance", "reuse", "belady"])
+@pytest.mark.parametrize("policy", ["lru", "lfu", "layer-distance", "reuse", "reuse-hint", "belady"])
 @settings(max_examples=60, deadline=None)
 @given(case=visit_traces(max_visits=30), data=st.data())
 def test_cache_state_invariants_with_prefetch(policy, case, data):
@@ -292,6 +292,42 @@ def test_reuse_is_scan_resistant():
     visits = [(layer, [0, 1]) for _ in range(40) for layer in range(32)]
     belady = sum(run_state("belady", visits, 62)[0])
     assert 40 * 64 - sum(hits) <= 1.3 * belady, (40 * 64 - sum(hits), belady)
+
+
+def test_reuse_hint_is_scan_resistant():
+    """The same working set as above: every expert is followed by itself (p = 1), so d decides, as in reuse."""
+    hits = cyclic_hits("reuse-hint")
+    assert all(h >= 60 for h in hits[2:]), hits
+
+
+def two_layer_visits(tokens: int = 24) -> list[tuple[int, list[int]]]:
+    """Layer 0 cycles over 4 experts; layer 1 keeps an expert for two tokens, then switches (A A B B ...)."""
+    return [(layer, [(t % 4, t // 2 % 2)[layer]]) for t in range(tokens) for layer in (0, 1)]
+
+
+def test_reuse_hint_avoids_misses_lru_and_reuse_take():
+    """With 3 slots for 6 experts, layer 0's misses must evict: LRU and reuse evict by age, which cannot tell
+    the layer-1 expert that comes back next token from the one that does not; the next-token table can (after A
+    A, it has seen B follow A), and the hint policy misses exactly what Belady misses."""
+    visits = two_layer_visits()
+    misses = {p: sum(run_state(p, visits, 3)[0]) for p in ("lru", "reuse", "reuse-hint", "belady")}
+    assert misses == {"lru": 36, "reuse": 30, "reuse-hint": 26, "belady": 26}
+
+
+def test_reuse_hint_learns_the_next_token_table():
+    """p(key) = mean over the latest sweep's experts s at key's layer of follow[s][e] / uses[s]."""
+    policy = make_policy("reuse-hint")
+    for now, experts in enumerate([[0, 1], [0, 2], [1, 2], [0, 1]]):  # one layer, one sweep per visit
+        policy.on_visit(0, now)
+        for e in experts:
+            policy.on_insert((0, e), now)
+            policy.on_access((0, e), now)
+    # uses: 0 x3, 1 x3, 2 x2; the sweeps after those using 0 used {0, 2} and {1, 2}; after 1: {0, 2}, {0, 1}
+    assert policy.follow[(0, 0)] == {0: 1, 1: 1, 2: 2} and policy.follow[(0, 1)] == {0: 2, 1: 1, 2: 1}
+    assert policy.uses[(0, 0)] == 3 and policy.uses[(0, 2)] == 2
+    assert policy.hint((0, 2)) == (2 / 3 + 1 / 3) / 2  # the latest sweep used 0 and 1
+    assert policy.hint((0, 0)) == (1 / 3 + 2 / 3) / 2
+    assert policy.hint((1, 0)) is None  # a layer never run: reuse's estimate
 
 
 def test_default_policy_is_online_and_registered():

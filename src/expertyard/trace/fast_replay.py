@@ -1,5 +1,5 @@
 """The replay loop of `trace.simulate` compiled with numba, for the policies that have a kernel here (lru, lfu,
-layer-distance, reuse, belady) and replays without prefetch: the same hits and misses as the Python classes in
+layer-distance, reuse, reuse-hint, belady) and replays without prefetch: the same hits and misses as the Python classes in
 `experts.policies` driving `ExpertCacheState`, decision by decision (tests/test_fast_replay.py compares them),
 at 20-100x the speed.
 
@@ -17,7 +17,7 @@ from expertyard.experts.policies.reuse import MAX_AGE, UNKNOWN
 
 # V = visits, P = (visit, expert) occurrences, N = L x E keys, C = cache slots
 
-KERNELS = {"lru": 0, "lfu": 1, "layer-distance": 2, "reuse": 3, "belady": 4}
+KERNELS = {"lru": 0, "lfu": 1, "layer-distance": 2, "reuse": 3, "belady": 4, "reuse-hint": 5}
 NEVER = 1 << 62
 HIT, FREE = -2, -1  # replay log entries besides an evicted key
 
@@ -45,7 +45,7 @@ def _expected_wait(hist, sums, m):
 
 @njit(cache=True)
 def _victim(kind, n_res, sl_key, sl_stamp, gid, E, last, count, rank_t, ins, nxt_key, seen_n, cur, sweep,
-            touch_s, m):
+            touch_s, m, hint_sum, latest_n):
     """The slot to evict (-1: every resident expert is protected)."""
     best = -1
     b1 = 0.0
@@ -70,15 +70,17 @@ def _victim(kind, n_res, sl_key, sl_stamp, gid, E, last, count, rank_t, ins, nxt
             v1 = float(d)
             v2 = -last[k]
             v3 = k
-        elif kind == 3:  # reuse: max (estimate, -last touch, -key)
+        elif kind == 3 or kind == 5:  # reuse, reuse-hint: max (estimate, -last touch, -key)
             p = k // E
             d = p - cur - 1
             if d < 0:
                 d += seen_n
             a = sweep - touch_s[k] + (1 if p <= cur else 0)
-            if a > MAX_AGE:
-                a = MAX_AGE
-            v1 = d + seen_n * m[a]
+            if kind == 5 and latest_n[p] > 0:  # the hint p(k) replaces reuse's h(a)
+                hint = hint_sum[p, k - p * E] / latest_n[p]
+                v1 = d + seen_n * (1.0 - hint) * (1.0 + m[min(a + 1, MAX_AGE)])
+            else:
+                v1 = d + seen_n * m[min(a, MAX_AGE)]
             v2 = -last[k]
             v3 = -k
         else:  # belady: max next use, then the oldest insertion (the Python dict's order)
@@ -91,6 +93,31 @@ def _victim(kind, n_res, sl_key, sl_stamp, gid, E, last, count, rank_t, ins, nxt
             b2 = v2
             b3 = v3
     return best
+
+
+@njit(cache=True)
+def _learn_hint(k, layer, E, sweep, uses, follow, prev_e, prev_n, latest_e, latest_n, latest_sweep, in_latest,
+                hint_sum):
+    """reuse-hint's `on_access`: the next-sweep table and the layer's hint sums, as `ReuseHintPolicy` keeps them."""
+    if latest_sweep[layer] != sweep:  # the first access of this layer in this sweep
+        prev_n[layer] = latest_n[layer]
+        prev_e[layer, :] = latest_e[layer, :]
+        latest_n[layer] = 0
+        latest_sweep[layer] = sweep
+        hint_sum[layer, :] = 0.0
+    if in_latest[k] == sweep:
+        return
+    in_latest[k] = sweep
+    e = k - layer * E
+    for i in range(prev_n[layer]):
+        follow[layer * E + prev_e[layer, i], e] += 1
+    uses[k] += 1
+    latest_e[layer, latest_n[layer]] = e
+    latest_n[layer] += 1
+    for e2 in range(E):
+        c = follow[k, e2]
+        if c > 0:
+            hint_sum[layer, e2] += c / uses[k]
 
 
 @njit(cache=True)
@@ -115,6 +142,17 @@ def replay(kind, offsets, keys, layers, pairs, nxt, capacity, top_k, num_keys, E
     sums = np.zeros(MAX_AGE + 1, np.int64)
     m = np.empty(MAX_AGE + 1, np.float64)
     _expected_wait(hist, sums, m)
+    L = num_keys // E
+    hinted = kind == 5
+    uses_h = np.zeros(num_keys if hinted else 0, np.int64)  # reuse-hint: sweeps that used the key
+    follow = np.zeros((num_keys, E) if hinted else (0, E), np.int64)  # key (layer, s) -> [E] next sweep's uses
+    prev_e = np.zeros((L, E), np.int64)  # per layer: the experts of the sweep before the latest
+    prev_n = np.zeros(L, np.int64)
+    latest_e = np.zeros((L, E), np.int64)  # per layer: the experts of the latest sweep (so far)
+    latest_n = np.zeros(L, np.int64)
+    latest_sweep = np.full(L, -1, np.int64)
+    in_latest = np.full(num_keys if hinted else 0, -1, np.int64)  # sweep in which the key joined `latest`
+    hint_sum = np.zeros((L, E), np.float64)  # per layer: sum over latest s of follow[s] / uses[s]
     seen_n = 0
     cur = -1
     cur_visit = -1
@@ -141,7 +179,7 @@ def replay(kind, offsets, keys, layers, pairs, nxt, capacity, top_k, num_keys, E
             if not (v == cur_visit and layer == cur):
                 if cur_visit >= 0 and layer <= cur:
                     sweep += 1
-                    if kind == 3:
+                    if kind == 3 or kind == 5:
                         _expected_wait(hist, sums, m)
                 if layer + 1 > seen_n:
                     seen_n = layer + 1
@@ -164,7 +202,7 @@ def replay(kind, offsets, keys, layers, pairs, nxt, capacity, top_k, num_keys, E
                         log[j] = FREE
                     else:
                         s = _victim(kind, n_res, sl_key, sl_stamp, gid, E, last, count, rank_t, ins, nxt_key,
-                                    seen_n, cur, sweep, touch_s, m)
+                                    seen_n, cur, sweep, touch_s, m, hint_sum, latest_n)
                         if s < 0:
                             return hits, misses, -1  # cannot hold the visit's experts
                         log[j] = sl_key[s]
@@ -185,7 +223,7 @@ def replay(kind, offsets, keys, layers, pairs, nxt, capacity, top_k, num_keys, E
                 count[k] = uses[k]
                 rank_t[k] = v
                 nxt_key[k] = nxt[j]
-                if kind == 3:
+                if kind == 3 or kind == 5:
                     lu = last_use_s[k]
                     if lu >= 0 and lu < sweep:
                         r = sweep - lu
@@ -194,6 +232,9 @@ def replay(kind, offsets, keys, layers, pairs, nxt, capacity, top_k, num_keys, E
                         sums[b] += r
                     last_use_s[k] = sweep
                     touch_s[k] = sweep
+                if hinted:
+                    _learn_hint(k, layer, E, sweep, uses_h, follow, prev_e, prev_n, latest_e, latest_n, latest_sweep,
+                                in_latest, hint_sum)
     return hits, misses, releases
 
 

@@ -14,8 +14,9 @@ from expertyard.experts.policies.lru import LRUPolicy
 from expertyard.experts.policies.registry import (DEFAULT_POLICY, ONLINE_POLICIES, POLICIES, make_policy,
                                                   policy_class, policy_from_args, policy_params_from_args)
 from expertyard.experts.policies.reuse import ReusePolicy
+from expertyard.experts.policies.reuse_hint import ReuseHintPolicy
 
 __all__ = ["BeladyPolicy", "CachePolicy", "DEFAULT_POLICY", "ExpertKey", "HobbitPolicy", "HobbitWeights",
-           "LFUPolicy", "LRUPolicy", "LayerDistancePolicy", "ONLINE_POLICIES", "POLICIES", "Param", "ReusePolicy",
-           "load_hobbit_weights", "make_policy", "policy_class", "policy_from_args", "policy_params_from_args",
+           "LFUPolicy", "LRUPolicy", "LayerDistancePolicy", "ONLINE_POLICIES", "POLICIES", "Param", "ReuseHintPolicy",
+           "ReusePolicy", "load_hobbit_weights", "make_policy", "policy_class", "policy_from_args", "policy_params_from_args",
            "save_hobbit_weights"]

@@ -12,9 +12,11 @@ from expertyard.experts.policies.layer_distance import LayerDistancePolicy
 from expertyard.experts.policies.lfu import LFUPolicy
 from expertyard.experts.policies.lru import LRUPolicy
 from expertyard.experts.policies.reuse import ReusePolicy
+from expertyard.experts.policies.reuse_hint import ReuseHintPolicy
 
 POLICIES: dict[str, type[CachePolicy]] = {
-    p.name: p for p in (LRUPolicy, LFUPolicy, LayerDistancePolicy, HobbitPolicy, ReusePolicy, BeladyPolicy)}
+    p.name: p for p in (LRUPolicy, LFUPolicy, LayerDistancePolicy, HobbitPolicy, ReusePolicy, ReuseHintPolicy,
+                         BeladyPolicy)}
 DEFAULT_POLICY = ReusePolicy.name
 ONLINE_POLICIES = [name for name, cls in POLICIES.items() if cls.online]  # what an engine can run
 
