@@ -348,3 +348,18 @@ def test_the_factory_checks_each_class_parameters(tmp_path):
     assert beside.weights == HobbitWeights(1, 0, 0, 0)
     assert policy_from_args(argparse.Namespace(policy="hobbit", policy_weights=None)).weights == HobbitWeights()
     assert isinstance(policy_from_args(argparse.Namespace(policy="reuse", policy_weights=None)), ReusePolicy)
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=visit_traces(max_layers=3, max_experts=6, max_visits=60))
+def test_reuse_array_victim_equals_scoring_each_candidate(case):
+    """`ReusePolicy.victim` (arrays) picks what scoring each candidate by `estimate` picks, at every eviction."""
+    visits, capacity, _ = case
+    policy = make_policy("reuse")
+    state = ExpertCacheState(capacity, policy)
+    for now, (layer, experts) in enumerate(visits):
+        candidates = list(state.resident)
+        if candidates:
+            assert policy.victim(candidates, now) == policy.victim_by_estimate(candidates, now)
+        state.access(layer, experts, now)
+        state.end_visit(layer, experts)

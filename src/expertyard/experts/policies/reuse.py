@@ -130,6 +130,15 @@ class ReusePolicy(CachePolicy):
             best = best[np.lexsort((t.expert[best], t.layer[best], t.now[best]))]
         return int(t.layer[best[0]]), int(t.expert[best[0]])
 
+    def victim_by_estimate(self, candidates: Iterable[ExpertKey], now: int) -> ExpertKey:
+        """`victim` by calling `estimate` per candidate (for subclasses that refine the estimate)."""
+        best, best_rank = None, None
+        for k in candidates:
+            rank = (self.estimate(k), -self.last_touch[k][1], -k[0], -k[1])
+            if best_rank is None or rank > best_rank:
+                best, best_rank = k, rank
+        return best
+
     @property
     def _layer_pos(self) -> np.ndarray:
         """[max layer + 1] position of each seen layer among the MoE layers (-1: not seen)."""

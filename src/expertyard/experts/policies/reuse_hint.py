@@ -59,6 +59,9 @@ class ReuseHintPolicy(ReusePolicy):
         for e2, c in self.follow[key].items():
             hint[e2] = hint.get(e2, 0.0) + c / n_uses
 
+    def victim(self, candidates, now: int) -> ExpertKey:
+        return self.victim_by_estimate(candidates, now)  # the hint is per expert: scored one by one
+
     def hint(self, key: ExpertKey) -> float | None:
         """p(key): the chance that key's layer's next run after the latest one uses it (None: no sweep yet)."""
         layer, e = key
