@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Hybrid CPU-GPU offloading on one GPU host: the CUDA tests, then decode side by side in one process per model:
-# copy-only, CPU-only (every miss on the CPU), hybrid, and hybrid with int4 CPU copies.
+# copy-only, CPU-only (every miss on the CPU), hybrid, hybrid with int4 CPU copies, and int4 on both pipes.
 # Usage (repo root; TRACE = a copy of the shared DeepSeek-V2-Lite routing trace):
 #   OUT=/tmp/out TRACE=.devdata/deepseek-v2-lite.prefill.a.npz STEP=tests|deepseek|mixtral8|mixtral bash benchmarks/gpu_hybrid.sh
 set -uo pipefail
