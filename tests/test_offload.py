@@ -130,3 +130,31 @@ def test_a_visit_may_evict_its_own_layer_mispredictions():
     loads = state.access(1, [3, 4], now=1)
     assert sorted(ld.evicted for ld in loads) == [(1, 5), (1, 6)]
     assert state.counters.misses == 2 and state.counters.prefetch_hits == 0
+
+
+class _FakeEvent:  # what TransferStats reads of a CUDA event pair: query() and elapsed_time()
+    def __init__(self, t_ms: float, done: bool = True):
+        self.t, self.done = t_ms, done
+
+    def query(self) -> bool:
+        return self.done
+
+    def elapsed_time(self, end) -> float:
+        return end.t - self.t
+
+
+def test_transfer_stats_stay_bounded_and_sum_every_copy():
+    """A server copies for days: finished event pairs are folded into a sum, the unfinished kept; the totals
+    equal the sum over every pair."""
+    from expertyard.experts.telemetry import TransferStats
+
+    stats = TransferStats()
+    total = 0.0
+    for i in range(5 * TransferStats.FOLD_AT + 7):
+        ms = 0.5 + (i % 7) * 0.25
+        stats.add_copy(_FakeEvent(0.0), _FakeEvent(ms, done=i % 100 != 99))  # a few still in flight
+        stats.add_stall(_FakeEvent(0.0), _FakeEvent(2 * ms))
+        total += ms
+    assert len(stats.copy_events) < TransferStats.FOLD_AT and len(stats.stall_events) < TransferStats.FOLD_AT
+    assert stats.busy_seconds() == pytest.approx(total / 1e3)
+    assert stats.stall_seconds() == pytest.approx(2 * total / 1e3)

@@ -139,3 +139,4 @@ def test_hybrid_sweep_names_are_checked_before_loading(capsys):
 
     assert main(["bench", "--offload", "--expert-cache-fraction", "0.5", "--hybrid-sweep", "hybrid,int5"]) != 0
     assert "choose from copy-only, CPU-only, hybrid, hybrid-int4, int4-both" in capsys.readouterr().err
+

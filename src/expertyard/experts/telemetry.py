@@ -16,15 +16,31 @@ import torch
 class TransferStats:
     copies: int = 0
     bytes_copied: int = 0
-    copy_events: list = field(default_factory=list)  # (start, end) CUDA events per copy
-    stall_events: list = field(default_factory=list)  # (before wait, after wait) on the compute stream
+    copy_events: list = field(default_factory=list)  # (start, end) CUDA events of copies not yet folded
+    stall_events: list = field(default_factory=list)  # (before wait, after wait) on the compute stream, likewise
     host_sync_s: float = 0.0  # time the host waited for routing (the one sync of an offloaded layer)
+    folded_s: dict = field(default_factory=lambda: {"copy": 0.0, "stall": 0.0})  # seconds of finished pairs
+
+    FOLD_AT = 1024  # pairs kept before the finished ones are summed (a server copies for days)
+
+    def add_copy(self, start, end) -> None:
+        self._add("copy", self.copy_events, start, end)
+
+    def add_stall(self, before, after) -> None:
+        self._add("stall", self.stall_events, before, after)
+
+    def _add(self, kind: str, pairs: list, a, b) -> None:
+        pairs.append((a, b))
+        if len(pairs) >= self.FOLD_AT:  # sum the pairs whose end has been reached (no wait), keep the rest
+            finished = [p[1].query() for p in pairs]
+            self.folded_s[kind] += sum(x.elapsed_time(y) for (x, y), f in zip(pairs, finished) if f) / 1e3
+            pairs[:] = [p for p, f in zip(pairs, finished) if not f]
 
     def busy_seconds(self) -> float:
-        return sum(a.elapsed_time(b) for a, b in self.copy_events) / 1e3
+        return self.folded_s["copy"] + sum(a.elapsed_time(b) for a, b in self.copy_events) / 1e3
 
     def stall_seconds(self) -> float:
-        return sum(a.elapsed_time(b) for a, b in self.stall_events) / 1e3
+        return self.folded_s["stall"] + sum(a.elapsed_time(b) for a, b in self.stall_events) / 1e3
 
 
 class Timeline:

@@ -38,7 +38,7 @@ class TransferEngine:
                 pool.write(ld.slot, src)
             done.record(self.stream)
             pool.ready[ld.slot] = self._last_copy = done
-            self.stats.copy_events.append((start, done))
+            self.stats.add_copy(start, done)
             if self.timeline is not None:
                 kind = ("prefetch" if ld.prefetch else "miss") + ("" if pool.name == "full" else f" {pool.name}")
                 self.timeline.spans.append((f"{kind} L{ld.key[0]} E{ld.key[1]}", "copy", start, done))
@@ -58,7 +58,7 @@ class TransferEngine:
             stream.wait_event(ev)
         after = torch.cuda.Event(enable_timing=True)
         after.record(stream)
-        self.stats.stall_events.append((before, after))
+        self.stats.add_stall(before, after)
 
     def span(self, name: str, stream):
         """A timeline span on `stream` (a no-op context without a timeline or a device clock)."""
