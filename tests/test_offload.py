@@ -158,3 +158,11 @@ def test_transfer_stats_stay_bounded_and_sum_every_copy():
     assert len(stats.copy_events) < TransferStats.FOLD_AT and len(stats.stall_events) < TransferStats.FOLD_AT
     assert stats.busy_seconds() == pytest.approx(total / 1e3)
     assert stats.stall_seconds() == pytest.approx(2 * total / 1e3)
+
+
+def test_hybrid_sweep_names_are_checked_before_loading(capsys):
+    from expertyard.entrypoints.cli import main
+
+    assert main(["bench", "--offload", "--expert-cache-fraction", "0.5", "--hybrid-sweep", "hybrid,int5"]) != 0
+    assert "choose from copy-only, CPU-only, hybrid, hybrid-int4, int4-both" in capsys.readouterr().err
+

@@ -133,10 +133,3 @@ def test_flags_that_do_not_combine_say_what_to_use():
     with pytest.raises(ConfigError, match="add --cpu-precision int4"):
         OffloadConfig(expert_cache_fraction=0.5, precision="low", low_precision_bits=4, cpu_compute="on")
 
-
-def test_hybrid_sweep_names_are_checked_before_loading(capsys):
-    from expertyard.entrypoints.cli import main
-
-    assert main(["bench", "--offload", "--expert-cache-fraction", "0.5", "--hybrid-sweep", "hybrid,int5"]) != 0
-    assert "choose from copy-only, CPU-only, hybrid, hybrid-int4, int4-both" in capsys.readouterr().err
-

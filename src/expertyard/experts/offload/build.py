@@ -19,7 +19,8 @@ from expertyard.experts.offload.budget import GpuBudgetPlan, budget_for_fraction
 from expertyard.experts.offload.config import OffloadConfig
 from expertyard.experts.offload.host_loader import HostLoadedExperts
 from expertyard.experts.offload.hybrid import HybridExecutor
-from expertyard.experts.offload.shared_int4 import CpuInt4Source, SharedInt4Pool, shared_layout
+from expertyard.experts.offload.shared_int4 import (CpuInt4Source, SharedInt4Pool, conversion_workspace_bytes,
+                                                    shared_layout)
 from expertyard.experts.offload.slot_pool import FullPrecisionPool, LowPrecisionPool
 from expertyard.experts.offload.transfer import TransferEngine
 from expertyard.experts.policies import DEFAULT_POLICY, CachePolicy, policy_from_args
@@ -44,7 +45,7 @@ def plan_budget(model: nn.Module, cfg: OffloadConfig, kv: int, max_model_len: in
     if cfg.shares_int4_copies:  # int4 slots, and the staging buffer + temporaries of the on-device conversion
         layout = shared_layout(mcfg.hidden_size, mcfg.moe.intermediate_size, cfg.group_size)
         expert_bytes = layout.nbytes
-        workspace += 2 * layout.nbytes + 8 * mcfg.moe.intermediate_size * mcfg.hidden_size
+        workspace += conversion_workspace_bytes(layout)
     budget = cfg.gpu_memory_budget
     if budget is None:
         budget = budget_for_fraction(cfg.expert_cache_fraction, mcfg, resident, kv, workspace, expert_bytes)

@@ -38,6 +38,12 @@ def shared_layout(hidden: int, inter: int, group_size: int) -> ExpertLayout:
     return ExpertLayout.build(hidden, inter, 4, group_size)
 
 
+def conversion_workspace_bytes(layout: ExpertLayout) -> int:
+    """Device bytes a copy needs beside its slot: the staging buffer (about one slot) and the temporaries of
+    converting the gate/up codes [2I, D] (unpacked nibbles, re-packed planes: a few bytes per weight)."""
+    return 2 * layout.nbytes + 4 * 2 * layout.inter * layout.hidden
+
+
 class CpuInt4Source:
     """The host side of the shared copies: the CPU store's int4 buffers and how to convert one on the device."""
 
@@ -73,10 +79,6 @@ class CpuInt4Source:
             pos += nsz
             dst.scale.copy_(sz[..., 0])
             dst.minimum.copy_(sz[..., 1] - 8 * sz[..., 0])
-
-    def scratch_bytes(self) -> int:
-        """Device bytes a conversion needs beside its slot: the staging copy and the codes' temporaries."""
-        return self.expert_bytes + 4 * 2 * self.layout.inter * self.layout.hidden
 
 
 class SharedInt4Pool(LowPrecisionPool):

@@ -58,26 +58,26 @@ class ReusePolicy(CachePolicy):
         self.visit = -1  # `now` of the current visit
         self.sweep = 0
         self.last_use: dict[ExpertKey, int] = {}  # sweep of the key's latest use (kept after eviction)
-        self.last_touch: dict[ExpertKey, tuple[int, int]] = {}  # resident key -> (sweep, now) of its latest use/load
         self.hist = [0] * (MAX_AGE + 1)
         self.sums = [0] * (MAX_AGE + 1)
-        self.m = expected_wait(self.hist, self.sums)
-        self._m = np.array(self.m)  # [MAX_AGE + 1] float64, for `victim`
-        self.touched = _TouchTable()  # the resident keys' last touch as arrays: `victim` scores them at once
+        self.m = np.array(expected_wait(self.hist, self.sums))  # [MAX_AGE + 1] float64
+        self.touched = _TouchTable()  # resident key -> sweep and `now` of its latest use or load, as arrays
+        self.layer_pos = np.zeros(0, dtype=np.int64)  # [max layer + 1] self.pos as an array (-1: not seen)
 
     def _see(self, layer: int) -> None:
         if layer not in self.pos:
             i = bisect_left(self.layers, layer)
             self.layers.insert(i, layer)
             self.pos = {lay: p for p, lay in enumerate(self.layers)}
+            self.layer_pos = np.full(self.layers[-1] + 1, -1, dtype=np.int64)
+            self.layer_pos[self.layers] = np.arange(len(self.layers))
 
     def on_visit(self, layer: int, now: int) -> None:
         if now == self.visit and layer == self.layer:
             return  # the same visit again (a visit accessed in groups)
         if self.visit >= 0 and layer <= self.layer:
             self.sweep += 1
-            self.m = expected_wait(self.hist, self.sums)
-            self._m = np.array(self.m)
+            self.m = np.array(expected_wait(self.hist, self.sums))
         self._see(layer)
         self.layer, self.visit = layer, now
 
@@ -98,22 +98,21 @@ class ReusePolicy(CachePolicy):
         self._touch(key, now)
 
     def on_evict(self, key: ExpertKey) -> None:
-        self.last_touch.pop(key, None)
         self.touched.remove(key)
 
     def _touch(self, key: ExpertKey, now: int) -> None:
-        self.last_touch[key] = (self.sweep, now)
         self.touched.set(key, self.sweep, now)
+
+    def distance_and_age(self, key: ExpertKey) -> tuple[int, int]:
+        """(d, a) of the module docstring for a resident `key`."""
+        cur, p = self.pos.get(self.layer, -1), self.pos[key[0]]
+        chance = self.sweep if p > cur else self.sweep + 1
+        return (p - cur - 1) % len(self.layers), chance - int(self.touched.sweep[self.touched.row[key]])
 
     def estimate(self, key: ExpertKey) -> float:
         """Expected visits until `key` is used again (the eviction score: the largest goes)."""
-        n, pos = len(self.layers), self.pos
-        cur = pos.get(self.layer, -1)
-        p = pos[key[0]]
-        d = (p - cur - 1) % n
-        chance = self.sweep if p > cur else self.sweep + 1
-        a = chance - self.last_touch[key][0]
-        return d + n * self.m[min(a, MAX_AGE)]
+        d, a = self.distance_and_age(key)
+        return d + len(self.layers) * self.m[min(a, MAX_AGE)]
 
     def victim(self, candidates: Iterable[ExpertKey], now: int) -> ExpertKey:
         """The largest `estimate`, then the oldest last touch, then the smallest key: scored as arrays over the
@@ -121,10 +120,10 @@ class ReusePolicy(CachePolicy):
         t = self.touched
         rows = np.fromiter((t.row[k] for k in candidates), dtype=np.int64)
         n, cur = len(self.layers), self.pos.get(self.layer, -1)
-        p = self._layer_pos[t.layer[rows]]  # [C] position of each candidate's layer
+        p = self.layer_pos[t.layer[rows]]  # [C] position of each candidate's layer
         d = (p - cur - 1) % n
         chance = np.where(p > cur, self.sweep, self.sweep + 1)
-        score = d + n * self._m[np.minimum(chance - t.sweep[rows], MAX_AGE)]  # [C] float64
+        score = d + n * self.m[np.minimum(chance - t.sweep[rows], MAX_AGE)]  # [C] float64
         best = rows[score == score.max()]
         if len(best) > 1:  # ties: the oldest touch, then the smallest (layer, expert)
             best = best[np.lexsort((t.expert[best], t.layer[best], t.now[best]))]
@@ -134,21 +133,10 @@ class ReusePolicy(CachePolicy):
         """`victim` by calling `estimate` per candidate (for subclasses that refine the estimate)."""
         best, best_rank = None, None
         for k in candidates:
-            rank = (self.estimate(k), -self.last_touch[k][1], -k[0], -k[1])
+            rank = (self.estimate(k), -int(self.touched.now[self.touched.row[k]]), -k[0], -k[1])
             if best_rank is None or rank > best_rank:
                 best, best_rank = k, rank
         return best
-
-    @property
-    def _layer_pos(self) -> np.ndarray:
-        """[max layer + 1] position of each seen layer among the MoE layers (-1: not seen)."""
-        if self._pos_cache[0] != len(self.layers):
-            table = np.full(self.layers[-1] + 1, -1, dtype=np.int64)
-            table[self.layers] = np.arange(len(self.layers))
-            self._pos_cache = (len(self.layers), table)
-        return self._pos_cache[1]
-
-    _pos_cache: tuple[int, np.ndarray] = (0, np.zeros(0, dtype=np.int64))
 
 
 class _TouchTable:

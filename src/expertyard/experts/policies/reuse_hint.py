@@ -72,10 +72,5 @@ class ReuseHintPolicy(ReusePolicy):
         p = self.hint(key)
         if p is None:
             return super().estimate(key)
-        n, pos = len(self.layers), self.pos
-        cur = pos.get(self.layer, -1)
-        q = pos[key[0]]
-        d = (q - cur - 1) % n
-        chance = self.sweep if q > cur else self.sweep + 1
-        a = chance - self.last_touch[key][0]
-        return d + n * (1.0 - p) * (1.0 + self.m[min(a + 1, MAX_AGE)])
+        d, a = self.distance_and_age(key)
+        return d + len(self.layers) * (1.0 - p) * (1.0 + self.m[min(a + 1, MAX_AGE)])
