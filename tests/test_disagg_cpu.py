@@ -375,7 +375,7 @@ def test_step_profiler_prints_and_traces_each_window(monkeypatch, capsys, tmp_pa
     import gzip
     import json
 
-    from expertyard.disagg.step_profiler import StepProfiler
+    from expertyard.engine.step_profiler import StepProfiler
 
     monkeypatch.setenv("EXPERTYARD_PROFILE_STEPS", "2:4,6:7")
     monkeypatch.setenv("EXPERTYARD_PROFILE_DIR", str(tmp_path))

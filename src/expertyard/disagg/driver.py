@@ -22,7 +22,7 @@ from expertyard.disagg.decode_pieces import DecodePieces
 from expertyard.disagg.groups import Groups
 from expertyard.disagg.pingpong import run_micro_batches
 from expertyard.disagg.step_plan import StepHeader, plan_step
-from expertyard.disagg.step_profiler import StepProfiler
+from expertyard.engine.step_profiler import StepProfiler
 from expertyard.disagg.transport import Exchanger
 from expertyard.engine.host_ints import long_tensor
 from expertyard.engine.scheduler import ScheduledStep

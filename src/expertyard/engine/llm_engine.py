@@ -17,6 +17,7 @@ from expertyard.engine.sampling_params import SamplingParams
 from expertyard.engine.scheduler import ScheduledSpan, ScheduledStep, Scheduler
 from expertyard.engine.sequence import Sequence
 from expertyard.engine.step_timer import STEP_TIMER
+from expertyard.engine.step_profiler import StepProfiler
 from expertyard.errors import ConfigError, RequestError
 from expertyard.experts.offload.build import build_offloaded_experts, plan_budget
 from expertyard.experts.offload.config import OffloadConfig
@@ -82,6 +83,8 @@ class LLMEngine:
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}  # seq_id -> its output text so far
         self.last_step = None  # the latest ScheduledStep (for logs)
         self._in_flight: _Launched | None = None  # async scheduling: the step whose tokens are not read yet
+        # EXPERTYARD_PROFILE_STEPS (engine/step_profiler.py); a runner of its own (disagg/) profiles its ranks
+        self._profiler = StepProfiler(0, "engine") if runner is None else None
 
     # ---- requests -------------------------------------------------------------------------------------
     def encode(self, prompt: str | list[int] | list[dict]) -> list[int]:
@@ -136,6 +139,8 @@ class LLMEngine:
         With `async_scheduling` the step scheduled here is launched before the previous step's tokens are read,
         and the sequences returned are the previous step's: the host prepares step t+1 while the device runs
         step t (engine/placeholders.py)."""
+        if self._profiler is not None:
+            self._profiler.step()
         STEP_TIMER.start()
         prev, self._in_flight = self._in_flight, None
         step = self.scheduler.schedule()

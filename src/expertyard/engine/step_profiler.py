@@ -1,11 +1,13 @@
 """Profile windows of a rank's steps with torch.profiler (debugging a slow deployment).
 
+    EXPERTYARD_PROFILE_STEPS=40:45 expertyard bench --offload ...
     EXPERTYARD_PROFILE_STEPS=40:45 expertyard bench --disaggregate ...
     EXPERTYARD_PROFILE_STEPS=100:102,230:232 EXPERTYARD_PROFILE_DIR=/tmp/traces expertyard bench ...
 
-Every rank profiles its steps 40..44 (host and device) and prints its heaviest operators by host time and by
-device time when the window closes. Several windows are separated by commas (a benchmark sweeping m runs one
-m after another in the same processes). With EXPERTYARD_PROFILE_DIR set, each rank also writes the window's
+The engine (on one process; each rank of a disaggregated deployment) profiles its steps 40..44 (host and
+device) and prints its heaviest operators by host time and by device time when the window closes. Several
+windows are separated by commas (a benchmark sweeping m runs one m after another in the same processes; a
+sweep of offload configurations builds one engine per configuration, each counting its steps from 1). With EXPERTYARD_PROFILE_DIR set, each rank also writes the window's
 timeline as a gzipped Chrome trace, `rank{R}_steps{A}-{B}.json.gz` (chrome://tracing, Perfetto), where the
 phases of a step are marked (`expertyard.*` ranges). Off (and free) unless the variable is set.
 """
