@@ -3,6 +3,11 @@ layer-distance, reuse, reuse-hint, belady) and replays without prefetch: the sam
 `experts.policies` driving `ExpertCacheState`, decision by decision (tests/test_fast_replay.py compares them),
 at 20-100x the speed.
 
+`lookahead` W with reuse or reuse-hint (an analysis oracle, not a policy of the engine;
+`benchmarks/lookahead_bound.py`): a candidate whose next use is known to fall within the next W visits is ranked
+by that visit, as Belady ranks it, below every candidate whose next use lies beyond (those keep the policy's own
+order). W = 0 is the policy itself; an unbounded W misses exactly what Belady misses.
+
 Keys are dense ids `layer * E + expert` (so their order is the (layer, expert) tuple order). Each policy's
 state lives in arrays indexed by key; the resident experts are scanned slot by slot for a victim, with the
 same tie-breaks as the Python classes.
@@ -45,8 +50,8 @@ def _expected_wait(hist, sums, m):
 
 @njit(cache=True)
 def _victim(kind, n_res, sl_key, sl_stamp, gid, E, last, count, rank_t, ins, nxt_key, seen_n, cur, sweep,
-            touch_s, m, hint_sum, latest_n):
-    """The slot to evict (-1: every resident expert is protected)."""
+            touch_s, m, hint_sum, latest_n, v, look):
+    """The slot to evict (-1: every resident expert is protected); `look` >= 0: the lookahead of visit v."""
     best = -1
     b1 = 0.0
     b2 = 0
@@ -55,7 +60,11 @@ def _victim(kind, n_res, sl_key, sl_stamp, gid, E, last, count, rank_t, ins, nxt
         if sl_stamp[i] == gid:
             continue
         k = sl_key[i]
-        if kind == 0:  # lru: min (last use, key)
+        if look >= 0 and nxt_key[k] - v <= look:  # next use known: Belady's order, below every other candidate
+            v1 = float(nxt_key[k] - v - look - 1)  # < 0 <= reuse's and reuse-hint's estimates
+            v2 = -ins[k]
+            v3 = 0
+        elif kind == 0:  # lru: min (last use, key)
             v1 = -float(last[k])
             v2 = 0
             v3 = -k
@@ -121,10 +130,11 @@ def _learn_hint(k, layer, E, sweep, uses, follow, prev_e, prev_n, latest_e, late
 
 
 @njit(cache=True)
-def replay(kind, offsets, keys, layers, pairs, nxt, capacity, top_k, num_keys, E, log):
+def replay(kind, offsets, keys, layers, pairs, nxt, capacity, top_k, num_keys, E, log, look=-1):
     """Replay visits (visit v uses keys[offsets[v]:offsets[v+1]] of MoE layer layers[v], from `pairs`
     (token, expert) pairs) through a cache of `capacity` slots. Returns (hits, misses, releases); log [P] gets,
-    per access, HIT, FREE (a miss loaded into a free slot) or the key the miss evicted."""
+    per access, HIT, FREE (a miss loaded into a free slot) or the key the miss evicted. `look` >= 0: the
+    lookahead W (next uses from `nxt`; -1: none)."""
     V = len(offsets) - 1
     slot_of = np.full(num_keys, -1, np.int64)
     sl_key = np.empty(capacity, np.int64)
@@ -202,7 +212,7 @@ def replay(kind, offsets, keys, layers, pairs, nxt, capacity, top_k, num_keys, E
                         log[j] = FREE
                     else:
                         s = _victim(kind, n_res, sl_key, sl_stamp, gid, E, last, count, rank_t, ins, nxt_key,
-                                    seen_n, cur, sweep, touch_s, m, hint_sum, latest_n)
+                                    seen_n, cur, sweep, touch_s, m, hint_sum, latest_n, v, look)
                         if s < 0:
                             return hits, misses, -1  # cannot hold the visit's experts
                         log[j] = sl_key[s]
@@ -262,14 +272,20 @@ def visit_arrays(trace, batch_size: int, schedule) -> tuple[np.ndarray, np.ndarr
             np.asarray(pairs, np.int64))
 
 
-def fast_replay(trace, policy: str, capacity: int, batch_size: int, schedule, log: bool = False):
+def fast_replay(trace, policy: str, capacity: int, batch_size: int, schedule, log: bool = False,
+                lookahead: float | None = None):
     """(hits, misses, releases, visits) of replaying `trace` with `policy` (a key of KERNELS); with `log`, also
-    (offsets, keys, per-access log) to compare decision by decision."""
+    (offsets, keys, per-access log) to compare decision by decision. `lookahead` W (visits; math.inf: all): the
+    oracle of the module docstring (a use later in the visit being loaded, when it is split in groups, counts
+    as known at W = 0)."""
+    assert lookahead is None or policy in ("reuse", "reuse-hint"), "a lookahead ranks below estimates >= 0"
     offsets, keys, layers, pairs = visit_arrays(trace, batch_size, schedule)
-    nxt = next_uses(offsets, keys) if policy == "belady" else np.zeros(len(keys), np.int64)
+    known = policy == "belady" or lookahead is not None
+    nxt = next_uses(offsets, keys) if known else np.zeros(len(keys), np.int64)
+    look = -1 if lookahead is None else int(min(lookahead, len(offsets)))  # >= V: every next use that exists
     out = np.empty(len(keys), np.int64)  # [P]
     hits, misses, releases = replay(KERNELS[policy], offsets, keys, layers, pairs, nxt, capacity, trace.top_k,
-                                    trace.num_layers * trace.num_experts, trace.num_experts, out)
+                                    trace.num_layers * trace.num_experts, trace.num_experts, out, look)
     assert releases >= 0, "a visit's group of at most `capacity` experts always fits"
     counts = (int(hits), int(misses), int(releases), len(offsets) - 1)
     return (counts, (offsets, keys, out)) if log else counts
