@@ -49,3 +49,26 @@ def test_garbage_collections_are_counted_per_generation():
         gc.callbacks.remove(t._on_gc)
     assert len(t.gc_pauses[2]) == 1 and t.gc_pauses[2][0] >= 0
     assert "garbage collections: generation 2: 1," in t.report()
+
+
+def test_the_engine_profiles_its_steps_when_asked(monkeypatch, capsys, tmp_path):
+    """EXPERTYARD_PROFILE_STEPS=2:4 on a single-process engine: steps 2 and 3 (decode) are profiled, with the
+    model's matmuls in the host table and a Chrome trace per window; unset, the engine prints nothing."""
+    import gzip
+    import json
+
+    from servers import make_engine
+
+    from expertyard.engine.sampling_params import SamplingParams
+
+    monkeypatch.setenv("EXPERTYARD_PROFILE_STEPS", "2:4")
+    monkeypatch.setenv("EXPERTYARD_PROFILE_DIR", str(tmp_path))
+    engine = make_engine(max_num_seqs=1, max_model_len=64)
+    engine.generate(["hello"], SamplingParams(max_tokens=6, temperature=0))
+    err = capsys.readouterr().err
+    assert err.count("== rank 0 (engine): steps 2..3, by host time") == 1 and "aten::" in err
+    events = json.loads(gzip.open(tmp_path / "rank0_steps2-3.json.gz").read())["traceEvents"]
+    assert any(e.get("name", "").startswith("aten::") for e in events)
+    monkeypatch.delenv("EXPERTYARD_PROFILE_STEPS")
+    make_engine(max_num_seqs=1, max_model_len=64).generate(["hello"], SamplingParams(max_tokens=6))
+    assert "== rank 0" not in capsys.readouterr().err
