@@ -34,6 +34,24 @@ def test_cuda_hybrid_equals_resident(arch, mode, graphs, tiny_checkpoint):
         assert r["copied_misses_per_token"] > 0
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "deepseek_v2_full"])
+@pytest.mark.parametrize("mode", ["auto", "on"])
+def test_cuda_hybrid_graph_prologue_at_batch_1(arch, mode, tiny_checkpoint):
+    """Batch 1 in piecewise graphs: routing, the CPU's input and the resident FFN run inside each graph piece
+    (the backend's graph prologue); the host adds copies and CPU compute after it. Same tokens as resident."""
+    path, _ = tiny_checkpoint(arch)
+    ref_tokens, ref_logp = resident_tokens_and_logprobs(path, "cuda", torch.float32)
+    top_k = load_model(path, "cpu", torch.float32, progress=False).config.moe.top_k
+    engine = hybrid_engine(path, "cuda", torch.float32, slots=3 * top_k + 1, mode=mode, graphs=True)
+    seqs = engine.generate(_prompts()[:1], SamplingParams(temperature=0, max_tokens=12, logprobs=1))
+    assert [s.output_token_ids for s in seqs] == ref_tokens[:1]
+    torch.testing.assert_close(torch.tensor([x["logprob"] for x in seqs[0].logprobs]), torch.tensor(ref_logp[0]),
+                               atol=2e-3, rtol=2e-3)
+    segments, _ = engine.runner.graphs.entries[next(iter(engine.runner.graphs.entries))]
+    assert all(seg.out["prologue"] is not None and "x" in seg.out["prologue"] for seg in segments[:-1])
+    assert engine.model.experts.report(tokens=12)["cpu_experts_per_token"] > 0
+
+
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_cuda_low_precision_cpu_compute_equals_its_dequantized_model(precision, tiny_checkpoint):
     check_low_precision_cpu_compute(tiny_checkpoint("mixtral")[0], "cuda", precision, 2e-3)

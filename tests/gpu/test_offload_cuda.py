@@ -43,6 +43,9 @@ def test_cuda_offloaded_piecewise_graph_decode_equals_resident(arch, batch, tiny
                               graphs=True)
     seqs = engine.generate(_prompts()[:batch], SamplingParams(temperature=0, max_tokens=12, logprobs=1))
     assert engine.runner.graphs.entries, "no piecewise graph was captured"
+    for (bb, _), (segments, _) in engine.runner.graphs.entries.items():  # the resident FFN runs in the piece
+        for seg in segments[:-1]:  # when the bucket's pairs fit the cache, else eagerly
+            assert (seg.out["prologue"] is not None) == (bb * top_k <= 3 * top_k), (bb, seg.moe_layer)
     assert [s.output_token_ids for s in seqs] == ref[0][:batch]
     torch.testing.assert_close(torch.tensor([[x["logprob"] for x in s.logprobs] for s in seqs]),
                                torch.tensor(ref[1][:batch]), atol=2e-4, rtol=1e-4)

@@ -2,8 +2,9 @@
 host reads each MoE layer's routing to decide copies).
 
 Segment k replays, from one graph: the residual add of the previous MoE output, the attention (and any dense
-layers) up to MoE layer m_k, its post-attention norm, router, pre-gate predictor and shared expert. Between
-segments only the backend runs eagerly, on the first B (real) rows. The last segment holds the final norm and
+layers) up to MoE layer m_k, its post-attention norm, router, pre-gate predictor, shared expert and the
+backend's `graph_prologue` (routing to pinned host memory, the FFN over the resident experts). Between
+segments only the rest of the backend runs eagerly, on the first B (real) rows. The last segment holds the final norm and
 the LM head; the first one the embedding and the rotary tables. So an offloaded decode step pays Python and
 launch overhead only for the expert work itself.
 """
@@ -41,11 +42,13 @@ class PiecewiseDecodeGraphs(BucketedDecodeGraphs):
             self.model.forced_routing.begin_step(b, padded_to=bb)
         backend = self.model.experts
         for k, seg in enumerate(segments):
+            o = seg.out
+            if o.get("prologue") is not None:
+                backend.before_graph_piece(seg.moe_layer)
             seg.graph.replay()
             if seg.moe_layer is not None:
-                o = seg.out
                 y = backend.forward_routed(seg.moe_layer, o["x"][:b], o["ids"][:b], o["w"][:b],
-                                           [(t, p[:b]) for t, p in o["preds"]])  # [B, D]
+                                           [(t, p[:b]) for t, p in o["preds"]], o["prologue"])  # [B, D]
                 torch.add(o["h_res"][:b], y, out=bufs[f"h_in{k + 1}"][:b])
         return segments[-1].out["logits"][:b]
 
@@ -74,8 +77,9 @@ class PiecewiseDecodeGraphs(BucketedDecodeGraphs):
                     x = layer.post_attention_layernorm(h)
                     ids, w = layer.mlp.route(x)
                     shared = layer.mlp.shared(x)
-                    out = {"x": x, "ids": ids, "w": w, "preds": model.experts.predictor.predict(j, x),
-                           "h_res": h if shared is None else h + shared}
+                    preds = model.experts.predictor.predict(j, x)
+                    out = {"x": x, "ids": ids, "w": w, "preds": preds, "h_res": h if shared is None else h + shared,
+                           "prologue": model.experts.graph_prologue(j, x, ids, w, preds)}
                 else:
                     h = layer.ffn_step(h)
             if seg.moe_layer is None:

@@ -4,8 +4,10 @@ Each expert's pairs get a segment of `sorted_ids` padded up to a multiple of BLO
 block of the grouped GEMMs belongs to one expert. Buffer sizes depend only on (P, E, BLOCK_M): at most
 min(P, E) experts are non-empty and each pads by < BLOCK_M rows, so the rows fit in P + min(P, E)*(BLOCK_M-1).
 Blocks past the real end get expert id -1 (the GEMMs return at once).
-Decode-sized batches (P * E small) take one launch, _align_small_kernel, which also zeroes the caller's
-output accumulator; larger ones take three (plus a memset):
+Decode-sized batches take one launch, which also zeroes the caller's output accumulator: _align_small_kernel
+when P x E is small, _align_pairs_kernel when P is small but E is large (an offloaded pool's thousands of slots
+at batch 1: it works in [P, P], each expert stood for by its first pair). Larger batches take three (plus a
+memset):
   1. _count_kernel   (grid over pairs): counts[e] += 1 with atomics; the returned old count is the pair's rank.
   2. _offsets_kernel (one program):     padded prefix sums -> seg_start[E], and per block its expert and rows.
   3. _scatter_kernel (grid over pairs): sorted_ids[seg_start[e] + rank] = pair index.
@@ -95,6 +97,29 @@ def _align_small_kernel(ids_ptr, sorted_ids_ptr, expert_ids_ptr, block_rows_ptr,
         tl.store(zero_ptr + offs_z, tl.zeros([BLOCK_Z], dtype=zero_ptr.dtype.element_ty), mask=offs_z < zero_numel)
 
 
+@triton.jit(do_not_specialize=["num_pairs", "num_blocks", "zero_numel"])  # counts that vary per step: see moe_align.py
+def _align_pairs_kernel(ids_ptr, sorted_ids_ptr, expert_ids_ptr, block_rows_ptr, zero_ptr,
+                        num_pairs, num_experts, num_blocks, zero_numel,
+                        BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_Z: tl.constexpr):
+    # _align_small_kernel's output from [P, P] comparisons (i: a pair, j: another), whatever E is
+    offs_p = tl.arange(0, BLOCK_P)
+    e = tl.load(ids_ptr + offs_p, mask=offs_p < num_pairs, other=-1).to(tl.int32)  # [BLOCK_P]
+    ok = (offs_p < num_pairs) & (e >= 0) & (e < num_experts)  # ids outside [0, E) are dropped
+    same = (e[:, None] == e[None, :]) & ok[:, None] & ok[None, :]  # [BLOCK_P, BLOCK_P]
+    rank = tl.sum((same & (offs_p[None, :] < offs_p[:, None])).to(tl.int32), axis=1)  # earlier pairs, same expert
+    count = tl.sum(same.to(tl.int32), axis=1)  # [BLOCK_P] pairs of the pair's expert
+    first = ok & (rank == 0)  # the pair that stands for its expert
+    padded = tl.where(first, (count + BLOCK_M - 1) // BLOCK_M * BLOCK_M, 0)
+    below = (e[None, :] < e[:, None]) & first[None, :]  # [BLOCK_P, BLOCK_P]: j stands for a smaller expert
+    start = tl.sum(tl.where(below, padded[None, :], 0), axis=1)  # [BLOCK_P] the expert's first padded row
+    tl.store(sorted_ids_ptr + start + rank, offs_p, mask=ok)
+    _write_blocks(count, start, start + padded, e, first, expert_ids_ptr, block_rows_ptr, num_blocks, BLOCK_M,
+                  BLOCK_B)
+    for z0 in range(0, zero_numel, BLOCK_Z):  # the caller's fp32 accumulator, saving a memset launch
+        offs_z = z0 + tl.arange(0, BLOCK_Z)
+        tl.store(zero_ptr + offs_z, tl.zeros([BLOCK_Z], dtype=zero_ptr.dtype.element_ty), mask=offs_z < zero_numel)
+
+
 @triton.jit(do_not_specialize=["num_pairs"])  # counts that vary per step: see moe_align.py
 def _scatter_kernel(ids_ptr, rank_ptr, seg_start_ptr, sorted_ids_ptr, num_pairs, num_experts,
                     BLOCK: tl.constexpr):
@@ -132,6 +157,11 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, zero: torc
         _align_small_kernel[(1,)](ids, sorted_ids, expert_ids, block_rows, zero if zero is not None else sorted_ids,
                                   num_pairs, num_experts, n_blocks, zero_numel, BLOCK_M=block_m, BLOCK_P=block_p,
                                   BLOCK_E=block_e, BLOCK_B=block_b, BLOCK_Z=1024, num_warps=8)
+        return sorted_ids, expert_ids, block_rows
+    if block_p * block_p <= _SMALL_ONEHOT and zero_numel <= _SMALL_ZERO:
+        _align_pairs_kernel[(1,)](ids, sorted_ids, expert_ids, block_rows, zero if zero is not None else sorted_ids,
+                                  num_pairs, num_experts, n_blocks, zero_numel, BLOCK_M=block_m, BLOCK_P=block_p,
+                                  BLOCK_B=max(16, 8192 // block_p), BLOCK_Z=1024, num_warps=8)
         return sorted_ids, expert_ids, block_rows
 
     counts = torch.zeros(num_experts, dtype=torch.int32, device=dev)  # [E]

@@ -65,6 +65,7 @@ class OffloadedExperts(ExpertBackend):
         self.cuda = self.device.type == "cuda"
         self.pending: dict[int, list] = {}  # layer -> copy events of its prefetched experts
         self.host_buf = torch.empty(1 << 16, dtype=torch.int32, pin_memory=self.cuda)
+        self._graph_io: dict[tuple[int, int], dict] = {}  # (layer, bucket rows) -> a graph prologue's host buffers
         self.now = 0
         self.visits: list[tuple[int, list[int]]] | None = None  # set to [] to record every visit's experts
         self.reset_stats()
@@ -116,18 +117,50 @@ class OffloadedExperts(ExpertBackend):
         return self.forward_routed(layer, x, topk_ids, topk_w, self.predictor.predict(layer, x))
 
     def forward_routed(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor,
-                       preds: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
-        """`forward` with the predictions already made (piecewise CUDA graphs compute them in the graph)."""
+                       preds: list[tuple[int, torch.Tensor]], prologue: dict | None = None) -> torch.Tensor:
+        """`forward` with the predictions already made (piecewise CUDA graphs compute them in the graph, and with
+        them the `graph_prologue`)."""
         fits = topk_ids.numel() <= self.state.capacity
         all_on_cpu = self.hybrid is not None and self.hybrid.computes_every_miss  # no miss needs a slot
         if self.mixed is not None and topk_ids.numel() <= min(self.high.capacity, self.low.capacity):
             y = self._forward_mixed(layer, x, topk_ids, topk_w, preds)
         elif (self.cuda or self.hybrid is not None) and fits or all_on_cpu:
-            y = self._forward_speculative(layer, x, topk_ids, topk_w, preds)
+            y = self._forward_speculative(layer, x, topk_ids, topk_w, preds, prologue)
         else:
             y = self._forward_loaded_first(layer, x, topk_ids, topk_w, preds)
+        assert prologue is None or self.mixed is None and fits, "a graph prologue for a visit of another path"
         self.now += 1
         return y
+
+    # ---- inside decode graph pieces -------------------------------------------------------------------
+    def graph_prologue(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor,
+                       preds: list[tuple[int, torch.Tensor]]) -> dict | None:
+        """Steps 2-3 of a visit, captured in the decode graph piece that ends at `layer`: routing, predictions and
+        (with CPU compute) x and the gate weights into this piece's pinned buffers, and the FFN over the resident
+        pairs. The host then pays one graph launch for what took ~20 kernel launches per layer. None where the
+        visit takes another path (mixed precision, more pairs than slots, the CPU)."""
+        if not self.cuda or self.mixed is not None or topk_ids.numel() > self.state.capacity:
+            return None
+        parts = [topk_ids] + [p for _, p in preds]
+        key = (layer, x.shape[0])
+        if key not in self._graph_io:  # allocated at the warm-up before the capture: fixed host addresses
+            io = {"routing": [torch.empty(p.shape, dtype=torch.int32, pin_memory=True) for p in parts]}
+            if self.hybrid is not None:
+                io["x"] = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)  # [Bb, D]
+                io["w"] = torch.empty(topk_w.shape, dtype=torch.float32, pin_memory=True)  # [Bb, K]
+            self._graph_io[key] = io
+        io = self._graph_io[key]
+        for host, p in zip(io["routing"], parts):
+            host.copy_(p.to(torch.int32), non_blocking=True)
+        if self.hybrid is not None:
+            io["x"].copy_(x, non_blocking=True)
+            io["w"].copy_(topk_w.float(), non_blocking=True)
+        return {**io, "y": self.pool.ffn(x, self.pool.table[layer][topk_ids], topk_w)}  # y [Bb, D]: resident pairs
+
+    def before_graph_piece(self, layer: int) -> None:
+        """The piece's resident FFN reads slots that prefetches may still be filling: wait for them."""
+        if self.cuda:
+            self.transfer.wait(torch.cuda.current_stream(self.device), self.pending.pop(layer, []))
 
     def _start_routing(self, parts: list[torch.Tensor]):
         """Start moving routing and predictions (int32) to the host: into a pinned buffer, then an event (CUDA)."""
@@ -138,18 +171,23 @@ class OffloadedExperts(ExpertBackend):
         if n > self.host_buf.numel():
             self.host_buf = torch.empty(2 * n, dtype=torch.int32, pin_memory=True)
         self.host_buf[:n].copy_(flat, non_blocking=True)
+        return self._routing_sent([self.host_buf[:n]])
+
+    @staticmethod
+    def _routing_sent(host: list[torch.Tensor]):
+        """(event, pinned host tensors that hold the routing and predictions once the event has passed)."""
         routed = torch.cuda.Event()
         routed.record()
-        return routed, n
+        return routed, host
 
     def _read_routing(self, started) -> list[int]:
-        """The values `_start_routing` sent: the layer's one host sync (kernels launched between the two calls
-        keep the GPU busy meanwhile)."""
+        """The values `_start_routing` (or a graph prologue) sent: the layer's one host sync (kernels launched
+        between the two calls keep the GPU busy meanwhile)."""
         t0 = time.perf_counter()
         if self.cuda:
-            routed, n = started
+            routed, host = started
             routed.synchronize()
-            out = self.host_buf[:n].tolist()
+            out = [v for h in host for v in h.reshape(-1).tolist()]
         else:
             out = started.tolist()
         wait = time.perf_counter() - t0
@@ -160,14 +198,20 @@ class OffloadedExperts(ExpertBackend):
     def _routing_to_host(self, parts: list[torch.Tensor]) -> list[int]:
         return self._read_routing(self._start_routing(parts))
 
-    def _forward_speculative(self, layer, x, topk_ids, topk_w, preds):
+    def _forward_speculative(self, layer, x, topk_ids, topk_w, preds, prologue=None):
         compute = torch.cuda.current_stream(self.device) if self.cuda else None
         if self.cuda:
             self.transfer.wait(compute, self.pending.pop(layer, []))
-        staged = self.hybrid.stage_input(x, topk_w) if self.hybrid is not None else None  # lands with the routing
-        started = self._start_routing([topk_ids] + [p for _, p in preds])
-        with self.transfer.span(f"moe L{layer}", compute):
-            y = self.pool.ffn(x, self.pool.table[layer][topk_ids], topk_w)  # resident pairs only
+        t = x.shape[0]
+        if prologue is not None:  # steps 2-3 ran in the graph piece just replayed; its rows past T are padding
+            staged = (prologue["x"][:t], prologue["w"][:t]) if self.hybrid is not None else None
+            started = self._routing_sent([h[:t] for h in prologue["routing"]])
+            y = prologue["y"][:t]
+        else:
+            staged = self.hybrid.stage_input(x, topk_w) if self.hybrid is not None else None  # lands with routing
+            started = self._start_routing([topk_ids] + [p for _, p in preds])
+            with self.transfer.span(f"moe L{layer}", compute):
+                y = self.pool.ffn(x, self.pool.table[layer][topk_ids], topk_w)  # resident pairs only
         flat = self._read_routing(started)
         ids, pred_ids = self._split(flat, topk_ids.shape, preds)
         used = list(dict.fromkeys(ids))

@@ -23,9 +23,18 @@ class OffloadingBackend(Protocol):
     visits: list[tuple[int, list[int]]] | None  # set to [] to record every visit's (layer, experts)
 
     def forward_routed(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor,
-                       preds: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+                       preds: list[tuple[int, torch.Tensor]], prologue: dict | None = None) -> torch.Tensor:
         """y [T, D] for x [T, D] routed to topk_ids [T, K] with weights topk_w [T, K]; `preds` are the predictor's
-        (target layer, expert ids [T, K]) computed from the same x."""
+        (target layer, expert ids [T, K]) computed from the same x. `prologue`: what `graph_prologue` returned,
+        replayed in the graph piece just before (its rows cut to T)."""
+
+    def graph_prologue(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor,
+                       preds: list[tuple[int, torch.Tensor]]) -> dict | None:
+        """Captured INSIDE the graph piece that ends at `layer` (same rules as the predictor): the part of the
+        visit that needs no host, as static tensors for `forward_routed`, or None (the visit runs eagerly)."""
+
+    def before_graph_piece(self, layer: int) -> None:
+        """Called before replaying the graph piece whose prologue is `layer`'s (order its reads after copies)."""
 
     def reset_stats(self) -> None:
         """Start counting cache, transfer and CPU statistics afresh (waits for the device)."""
