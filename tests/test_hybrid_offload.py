@@ -27,16 +27,42 @@ from conftest import ARCH_CASES
 from test_offload import _engine, _prompts, resident_tokens_and_logprobs
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.floats(0.0, 10.0), min_size=0, max_size=7), st.floats(0.01, 10.0))
-def test_best_split_is_the_optimum_over_every_subset(cpu_costs, copy_s):
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(0.0, 10.0), min_size=0, max_size=7), st.floats(0.01, 10.0),
+       st.one_of(st.just(0.0), st.floats(0.0, 20.0)))
+def test_best_split_is_the_optimum_over_every_subset(cpu_costs, copy_s, host_s):
+    """Layer time of a split: the link copies its share while the host thread does its own work and then (only
+    if the CPU has a share) computes it."""
     cpu_costs = sorted(cpu_costs)
     n = len(cpu_costs)
-    brute = min(max(sum(cpu_costs[i] for i in subset), (n - len(subset)) * copy_s)
-                for r in range(n + 1) for subset in itertools.combinations(range(n), r))
-    on_cpu, finish = best_split(cpu_costs, copy_s)
-    assert finish == pytest.approx(brute)
-    assert finish == pytest.approx(max(sum(cpu_costs[:on_cpu]), (n - on_cpu) * copy_s))
+
+    def finish(subset):
+        host = host_s + sum(cpu_costs[i] for i in subset)
+        return max(host, (n - len(subset)) * copy_s)
+
+    brute = min(finish(subset) for r in range(n + 1) for subset in itertools.combinations(range(n), r))
+    on_cpu, t = best_split(cpu_costs, copy_s, host_s)
+    assert t == pytest.approx(brute)
+    assert t == pytest.approx(finish(range(on_cpu)))
+
+
+def test_host_thread_time_is_learned_within_a_step_and_tips_the_split():
+    """The host thread's own time per visit (between routing reads of one step, less CPU compute) is learned;
+    a busy host thread sends a miss that would go to the CPU to the link instead."""
+    from types import SimpleNamespace
+
+    no_experts = SimpleNamespace(store=SimpleNamespace(keys=[]))  # the split's learning needs no expert
+    ex = HybridExecutor(no_experts, _costs(1.0, 1.2, 1000), "auto", "full", torch.device("cpu"), torch.float32)
+    t = 0.0
+    for step in range(40):
+        for layer in range(4):
+            ex.routing_read(layer, t, t + 1e-4)  # a 0.1 ms wait
+            t += 1e-4 + 2e-3  # 2 ms of host work, of which the CPU computes 1.5 ms
+            ex._learn(predicted=1e-3, measured=1.5e-3)
+        t += 50e-3  # the engine between steps: not a visit's host time
+    assert ex.host_s == pytest.approx(0.5e-3, rel=0.05)
+    assert best_split([1.0e-3], 1.2e-3)[0] == 1  # alone the CPU is faster than the link
+    assert best_split([1.0e-3], 1.2e-3, ex.host_s)[0] == 0  # after the host's own 0.5 ms, it is not
 
 
 def _costs(cpu_ms: float, copy_ms: float, expert_bytes: int) -> HybridCosts:

@@ -212,10 +212,13 @@ class OffloadedExperts(ExpertBackend):
             started = self._start_routing([topk_ids] + [p for _, p in preds])
             with self.transfer.span(f"moe L{layer}", compute):
                 y = self.pool.ffn(x, self.pool.table[layer][topk_ids], topk_w)  # resident pairs only
+        t_wait = time.perf_counter()
         flat = self._read_routing(started)
         ids, pred_ids = self._split(flat, topk_ids.shape, preds)
         used = list(dict.fromkeys(ids))
         self._score_prediction(layer, used)
+        if self.hybrid is not None:
+            self.hybrid.routing_read(layer, t_wait, time.perf_counter())
         on_cpu = self.hybrid.assign(layer, ids, self.state) if self.hybrid is not None else []
         copied = [e for e in used if e not in on_cpu]
         loads = self.state.access(layer, copied, self.now)

@@ -4,8 +4,9 @@ weights; only the layer input and the partial output cross the link).
 
 The split minimises the layer's finish time under the measured cost model (`experts/cpu/costs.py`): copies run
 one after another on the link (k copies take k x copy time), the CPU computes its share meanwhile (the sum of its
-experts' times, each a function of the expert's token count and the CPU precision), so the layer ends at
-max(link, CPU). Prefill chunks and large batches go to the link (CPU time grows with tokens, a copy does not);
+experts' times, each a function of the expert's token count and the CPU precision). The thread that computes
+on the CPU is also the one that launches the device's work and keeps the books, measured per visit while
+running: copies overlap that work, CPU compute adds to it, so the layer ends at max(link, host + CPU). Prefill chunks and large batches go to the link (CPU time grows with tokens, a copy does not);
 batch-1 decode splits. Experts computed on the CPU are not admitted to the cache: copying them in behind the
 layer was measured to delay the next layers' demand copies more than their later hits repay (DeepSeek-V2-Lite
 and Mixtral-8x7B on one H200, docs/offloading.md); the cache changes by the copies the split decides.
@@ -37,11 +38,13 @@ class HybridStats:
     # tokens, the experts that missed), for bounds at other miss sets (benchmarks)
 
 
-def best_split(cpu_costs: list[float], copy_s: float) -> tuple[int, float]:
+def best_split(cpu_costs: list[float], copy_s: float, host_s: float = 0.0) -> tuple[int, float]:
     """(how many misses go to the CPU, the layer's finish time): the cheapest-on-CPU misses go to the CPU, the
-    rest are copied one after another; `cpu_costs` sorted ascending."""
-    best_n, best_t = 0, len(cpu_costs) * copy_s
-    cpu_total = 0.0
+    rest are copied one after another; `cpu_costs` sorted ascending. `host_s`: the host thread's own work of a
+    visit (launches, bookkeeping), which runs beside the copies but before or after CPU compute, never beside
+    it: the layer ends at max(link, host + CPU)."""
+    best_n, best_t = 0, max(len(cpu_costs) * copy_s, host_s)
+    cpu_total = host_s
     for n, c in enumerate(cpu_costs, start=1):
         cpu_total += c
         t = max(cpu_total, (len(cpu_costs) - n) * copy_s)
@@ -66,6 +69,8 @@ class HybridExecutor:
         self.learn = learn  # correct the CPU figures by measured visits (off: the split follows `costs` alone)
         self.cpu_scale = 1.0  # measured / predicted CPU time of the visits so far (contention, per-call overhead)
         self._seen = [0.0, 0.0]  # predicted, measured seconds since start-up
+        self.host_s = 0.0  # the host thread's own seconds per visit besides CPU compute (a moving average)
+        self._last_visit: tuple[int, float, float] | None = None  # (layer, routing read at, CPU seconds since)
         self.reset_stats()
 
     def reset_stats(self, record_visits: bool = False) -> None:
@@ -106,7 +111,7 @@ class HybridExecutor:
         else:
             candidates.sort(key=lambda e: counts[e])
             n, _ = best_split([self.cpu_scale * self.costs.cpu_s(self.precision, counts[e]) for e in candidates],
-                              self.copy_s)
+                              self.copy_s, self.host_s)
             on_cpu = candidates[:n]
         split = self.stats.per_layer.setdefault(layer, [0, 0])
         split[0] += len(on_cpu)
@@ -135,11 +140,25 @@ class HybridExecutor:
         self._learn(sum(self.costs.cpu_s(self.precision, len(item[2])) for item in items), time.perf_counter() - t0)
         return y
 
+    def routing_read(self, layer: int, wait_started: float, wait_ended: float) -> None:
+        """The backend read `layer`'s routing between these host-clock times: the host thread's own time since
+        the previous layer's read of the same step, less that layer's CPU compute, is one sample of `host_s`
+        (the gap across steps holds the engine's sampling and is not sampled)."""
+        last, self._last_visit = self._last_visit, (layer, wait_ended, 0.0)
+        if self.learn and last is not None and layer > last[0]:
+            sample = max(wait_started - last[1] - last[2], 0.0)
+            self.host_s += self.HOST_EMA * (sample - self.host_s)
+
+    HOST_EMA = 0.05  # weight of the newest visit in `host_s` (~20 visits: follows a change of batch size)
+
     def _learn(self, predicted: float, measured: float) -> None:
         """Correct the start-up figures by what CPU visits really take here (host memory shared with the link's
         copies, the per-call overhead of a small expert)."""
         self.stats.cpu_seconds += measured
         self.stats.cpu_predicted += predicted
+        if self._last_visit is not None:
+            layer, read_at, cpu = self._last_visit
+            self._last_visit = (layer, read_at, cpu + measured)
         self._seen[0] += predicted
         self._seen[1] += measured
         if self.learn and self._seen[0] > 0:
@@ -161,5 +180,6 @@ class HybridExecutor:
 "cpu_ms_per_token": 1e3 * s.cpu_seconds / tokens,
                 "miss_bound_ms_per_token": 1e3 * s.bound_s / tokens,
                 "cpu_measured_vs_model": s.cpu_seconds / s.cpu_predicted if s.cpu_predicted else 0.0,
+                "host_us_per_visit": 1e6 * self.host_s,
                 "split_per_layer": {str(l): {"cpu": c, "copied": g} for l, (c, g) in sorted(s.per_layer.items())},
                 "costs": self.costs.to_dict()}
