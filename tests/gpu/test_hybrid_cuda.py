@@ -48,7 +48,10 @@ def test_cuda_hybrid_graph_prologue_at_batch_1(arch, mode, tiny_checkpoint):
     torch.testing.assert_close(torch.tensor([x["logprob"] for x in seqs[0].logprobs]), torch.tensor(ref_logp[0]),
                                atol=2e-3, rtol=2e-3)
     segments, _ = engine.runner.graphs.entries[next(iter(engine.runner.graphs.entries))]
-    assert all(seg.out["prologue"] is not None and "x" in seg.out["prologue"] for seg in segments[:-1])
+    backend = engine.model.experts
+    for seg in segments[:-1]:  # routing, predictions, then the CPU's input x [1, D] and weights [1, K]
+        staging = backend._graph_io[seg.out["prologue"]["staging"]]
+        assert [part[2] for part in staging.layout[-2:]] == [(1, backend.cfg.hidden_size), (1, top_k)]
     assert engine.model.experts.report(tokens=12)["cpu_experts_per_token"] > 0
 
 

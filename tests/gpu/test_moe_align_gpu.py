@@ -1,57 +1,14 @@
-"""moe_align's three paths (one-hot in one program, pair comparisons in one program, three kernels) against a
-naive grouping in Python: each expert's pairs in one padded segment, segments in expert order, blocks labelled."""
+"""moe_align's three paths, compiled, against the naive grouping of tests/test_moe_align.py."""
 
 import pytest
 import torch
 
-from expertyard.kernels import moe_align as ma
+from test_moe_align import CASES, check_case
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def naive(ids: list[int], num_experts: int, block_m: int):
-    """(segments [(expert, first row, pairs)], expert per block, rows per block) up to the last used block."""
-    segments, row = [], 0
-    for e in sorted({e for e in ids if 0 <= e < num_experts}):
-        pairs = [p for p, v in enumerate(ids) if v == e]
-        segments.append((e, row, pairs))
-        row += -(-len(pairs) // block_m) * block_m
-    experts, rows = [], []
-    for e, start, pairs in segments:
-        for b in range(-(-len(pairs) // block_m)):
-            experts.append(e)
-            rows.append(min(block_m, len(pairs) - b * block_m))
-    return segments, experts, rows
-
-
-def path_taken(p: int, e: int, zero: int) -> str:
-    bp = max(16, 1 << (p - 1).bit_length())
-    be = max(16, 1 << (e - 1).bit_length())
-    if bp * be <= ma._SMALL_ONEHOT and zero <= ma._SMALL_ZERO:
-        return "onehot"
-    return "pairs" if bp * bp <= ma._SMALL_ONEHOT and zero <= ma._SMALL_ZERO else "three kernels"
-
-
-@pytest.mark.parametrize("t,k,e,block_m,path", [
-    (1, 6, 64, 16, "onehot"), (4, 2, 8, 16, "onehot"),
-    (1, 6, 1472, 16, "pairs"), (8, 8, 416, 16, "pairs"), (16, 8, 5000, 32, "pairs"), (1, 2, 62, 64, "onehot"),
-    (4, 2, 2000, 16, "pairs"),
-    (300, 6, 64, 16, "three kernels"), (40, 8, 1472, 64, "three kernels")])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("bad_ids", [False, True])
-def test_each_path_groups_as_the_naive_one(t, k, e, block_m, path, bad_ids):
-    g = torch.Generator().manual_seed(t * 1000 + e)
-    skewed = torch.randint(0, min(e, 5), (t, k), generator=g)  # repeats: several pairs per expert
-    ids = torch.where(torch.rand(t, k, generator=g) < 0.5, skewed, torch.randint(0, e, (t, k), generator=g))
-    if bad_ids:  # -1 (a slot that is not resident) and >= E are dropped
-        ids[0, 0], ids[-1, -1] = -1, e + 3
-    zero = torch.full((t, 32), 7.0, device="cuda")
-    assert path_taken(t * k, e, zero.numel()) == path
-    sorted_ids, block_experts, block_rows = ma.moe_align(ids.to(torch.int32).cuda(), e, block_m, zero=zero)
-    segments, want_experts, want_rows = naive(ids.flatten().tolist(), e, block_m)
-    n = len(want_experts)
-    assert block_experts[:n].tolist() == want_experts and block_rows[:n].tolist() == want_rows
-    assert set(block_experts[n:].tolist()) <= {-1} and set(block_rows[n:].tolist()) <= {0}
-    got = sorted_ids.tolist()
-    for _, start, pairs in segments:  # the order inside a segment is free (atomics in the three-kernel path)
-        assert sorted(got[start:start + len(pairs)]) == pairs
-    assert (zero == 0).all()
+def test_each_path_groups_as_the_naive_one(case, bad_ids):
+    check_case("cuda", *case, bad_ids)

@@ -92,3 +92,27 @@ def test_cuda_offload_never_syncs_on_an_all_hit_decode(tiny_checkpoint):
     engine.generate(_prompts()[:1], SamplingParams(temperature=0, max_tokens=8))
     r = engine.model.experts.report(tokens=8)
     assert r["misses"] == 0 and r["bytes_copied"] == 0 and r["stall_ms_per_token"] == 0
+
+
+def test_graph_staging_packs_in_a_graph_and_reads_back_a_row_prefix():
+    """Parts of several dtypes and shapes written by a captured graph into one device buffer, read back by one copy:
+    each part's first rows, bit for bit."""
+    from expertyard.experts.offload.graph_staging import GraphStaging
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ids = torch.randint(0, 1000, (4, 6), device="cuda", generator=g)  # int64, cast to int32 on the way
+    x = torch.randn(4, 5, device="cuda", generator=g).to(torch.bfloat16)
+    w = torch.rand(4, 6, device="cuda", generator=g)
+    staging = GraphStaging([(ids.shape, torch.int32), (x.shape, x.dtype), (w.shape, torch.float32)], ids.device)
+    graph = torch.cuda.CUDAGraph()
+    staging.pack([ids, x, w])  # warm-up, as the capture does
+    with torch.cuda.graph(graph):
+        staging.pack([ids, x, w])
+    for seed in (1, 2):
+        ids.random_(0, 1000, generator=g), x.normal_(generator=g), w.uniform_(generator=g)
+        graph.replay()
+        staging.send().synchronize()
+        for rows in (1, 3, 4):
+            got = staging.host_views(rows)
+            assert got[0].dtype == torch.int32 and torch.equal(got[0], ids[:rows].int().cpu())
+            assert torch.equal(got[1], x[:rows].cpu()) and torch.equal(got[2], w[:rows].cpu())

@@ -29,6 +29,7 @@ import torch
 from expertyard.config import ModelConfig
 from expertyard.experts.backend import ExpertBackend
 from expertyard.experts.cache_state import CacheCounters
+from expertyard.experts.offload.graph_staging import GraphStaging
 from expertyard.experts.offload.host_loader import HostLoadedExperts
 from expertyard.experts.mixed_cache import MixedPrecisionCache, PoolLoad, PrecisionCounters, adaptive_prefetch
 from expertyard.experts.offload.slot_pool import LowPrecisionPool, SlotPool
@@ -65,7 +66,7 @@ class OffloadedExperts(ExpertBackend):
         self.cuda = self.device.type == "cuda"
         self.pending: dict[int, list] = {}  # layer -> copy events of its prefetched experts
         self.host_buf = torch.empty(1 << 16, dtype=torch.int32, pin_memory=self.cuda)
-        self._graph_io: dict[tuple[int, int], dict] = {}  # (layer, bucket rows) -> a graph prologue's host buffers
+        self._graph_io: dict[tuple[int, int], GraphStaging] = {}  # (layer, bucket rows) -> a graph piece's staging
         self.now = 0
         self.visits: list[tuple[int, list[int]]] | None = None  # set to [] to record every visit's experts
         self.reset_stats()
@@ -136,26 +137,19 @@ class OffloadedExperts(ExpertBackend):
     def graph_prologue(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_w: torch.Tensor,
                        preds: list[tuple[int, torch.Tensor]]) -> dict | None:
         """Steps 2-3 of a visit, captured in the decode graph piece that ends at `layer`: routing, predictions and
-        (with CPU compute) x and the gate weights into this piece's pinned buffers, and the FFN over the resident
-        pairs. The host then pays one graph launch for what took ~20 kernel launches per layer. None where the
-        visit takes another path (mixed precision, more pairs than slots, the CPU)."""
+        (with CPU compute) x and the gate weights packed for the host (`GraphStaging`), and the FFN over the
+        resident pairs. The host then pays one graph launch and one copy for what took ~20 kernel launches per
+        layer. None where the visit takes another path (mixed precision, more pairs than slots)."""
         if not self.cuda or self.mixed is not None or topk_ids.numel() > self.state.capacity:
             return None
-        parts = [topk_ids] + [p for _, p in preds]
-        key = (layer, x.shape[0])
-        if key not in self._graph_io:  # allocated at the warm-up before the capture: fixed host addresses
-            io = {"routing": [torch.empty(p.shape, dtype=torch.int32, pin_memory=True) for p in parts]}
-            if self.hybrid is not None:
-                io["x"] = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)  # [Bb, D]
-                io["w"] = torch.empty(topk_w.shape, dtype=torch.float32, pin_memory=True)  # [Bb, K]
-            self._graph_io[key] = io
-        io = self._graph_io[key]
-        for host, p in zip(io["routing"], parts):
-            host.copy_(p.to(torch.int32), non_blocking=True)
+        parts = [(topk_ids, torch.int32)] + [(p, torch.int32) for _, p in preds]
         if self.hybrid is not None:
-            io["x"].copy_(x, non_blocking=True)
-            io["w"].copy_(topk_w.float(), non_blocking=True)
-        return {**io, "y": self.pool.ffn(x, self.pool.table[layer][topk_ids], topk_w)}  # y [Bb, D]: resident pairs
+            parts += [(x, x.dtype), (topk_w, torch.float32)]  # [Bb, D], [Bb, K]
+        key = (layer, x.shape[0])
+        if key not in self._graph_io:  # allocated at the warm-up before the capture: fixed addresses
+            self._graph_io[key] = GraphStaging([(t.shape, dtype) for t, dtype in parts], self.device)
+        self._graph_io[key].pack([t for t, _ in parts])
+        return {"staging": key, "y": self.pool.ffn(x, self.pool.table[layer][topk_ids], topk_w)}  # y [Bb, D]
 
     def before_graph_piece(self, layer: int) -> None:
         """The piece's resident FFN reads slots that prefetches may still be filling: wait for them."""
@@ -171,14 +165,9 @@ class OffloadedExperts(ExpertBackend):
         if n > self.host_buf.numel():
             self.host_buf = torch.empty(2 * n, dtype=torch.int32, pin_memory=True)
         self.host_buf[:n].copy_(flat, non_blocking=True)
-        return self._routing_sent([self.host_buf[:n]])
-
-    @staticmethod
-    def _routing_sent(host: list[torch.Tensor]):
-        """(event, pinned host tensors that hold the routing and predictions once the event has passed)."""
         routed = torch.cuda.Event()
         routed.record()
-        return routed, host
+        return routed, [self.host_buf[:n]]  # the pinned tensors that hold the values once the event has passed
 
     def _read_routing(self, started) -> list[int]:
         """The values `_start_routing` (or a graph prologue) sent: the layer's one host sync (kernels launched
@@ -204,8 +193,10 @@ class OffloadedExperts(ExpertBackend):
             self.transfer.wait(compute, self.pending.pop(layer, []))
         t = x.shape[0]
         if prologue is not None:  # steps 2-3 ran in the graph piece just replayed; its rows past T are padding
-            staged = (prologue["x"][:t], prologue["w"][:t]) if self.hybrid is not None else None
-            started = self._routing_sent([h[:t] for h in prologue["routing"]])
+            staging = self._graph_io[prologue["staging"]]
+            host = staging.host_views(t)
+            started = (staging.send(), host[:len(preds) + 1])
+            staged = tuple(host[-2:]) if self.hybrid is not None else None  # x [T, D], weights [T, K]
             y = prologue["y"][:t]
         else:
             staged = self.hybrid.stage_input(x, topk_w) if self.hybrid is not None else None  # lands with routing
