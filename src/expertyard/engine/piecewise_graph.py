@@ -3,7 +3,7 @@ host reads each MoE layer's routing to decide copies).
 
 Segment k replays, from one graph: the residual add of the previous MoE output, the attention (and any dense
 layers) up to MoE layer m_k, its post-attention norm, router, pre-gate predictor, shared expert and the
-backend's `graph_prologue` (routing to pinned host memory, the FFN over the resident experts). Between
+backend's `graph_prologue` (what the host needs packed for one copy, the FFN over the resident experts). Between
 segments only the rest of the backend runs eagerly, on the first B (real) rows. The last segment holds the final norm and
 the LM head; the first one the embedding and the rotary tables. So an offloaded decode step pays Python and
 launch overhead only for the expert work itself.
