@@ -133,3 +133,45 @@ def test_flags_that_do_not_combine_say_what_to_use():
     with pytest.raises(ConfigError, match="add --cpu-precision int4"):
         OffloadConfig(expert_cache_fraction=0.5, precision="low", low_precision_bits=4, cpu_compute="on")
 
+
+
+# (hidden, inter, group, CPU row block, CPU dtype) for the device conversion against the torch one
+CONVERT_CASES = [(256, 128, 64, 64, torch.bfloat16), (128, 96, 32, 32, torch.float16), (64, 48, 16, 16, torch.bfloat16),
+                 (128, 64, 64, 0, torch.bfloat16), (256, 256, 128, 64, torch.float32)]
+
+
+def check_kernel_conversion(device: str) -> int:
+    """Random bytes as the CPU's packed codes and random (scale, zero): the Triton conversion writes the same bytes
+    as the torch operations. Returns the cases checked."""
+    from expertyard.experts.offload.shared_int4 import convert_cpu_int4
+
+    for d, i, g, block, dtype in CONVERT_CASES:
+        layout = shared_layout(d, i, g)
+        gen = torch.Generator().manual_seed(d + i)
+        parts = []
+        for n, k in ((2 * i, d), (d, i)):
+            parts.append(torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8, generator=gen))
+            parts.append((torch.randn(k // g, n, 2, generator=gen) * 0.1).to(dtype).view(torch.uint8).flatten())
+        src = torch.cat(parts).to(device)
+        want, got = (torch.full((layout.nbytes,), 0xAB, dtype=torch.uint8, device=device) for _ in range(2))
+        convert_cpu_int4(src, want, layout, block, dtype, kernels=False)
+        convert_cpu_int4(src, got, layout, block, dtype, kernels=True)
+        assert torch.equal(got, want), (d, i, g, block, dtype)
+    return len(CONVERT_CASES)
+
+
+def test_conversion_kernels_under_the_interpreter():
+    """The Triton conversion's logic on the CPU (TRITON_INTERPRET=1); compiled in tests/gpu/test_hybrid_cuda.py."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    tests = Path(__file__).parent
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(tests.parent / "src"), str(tests), os.environ.get("PYTHONPATH", "")])}
+    script = "from test_shared_int4 import check_kernel_conversion\nprint(check_kernel_conversion('cpu'))"
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split()[-1] == str(len(CONVERT_CASES))

@@ -94,3 +94,9 @@ def test_cuda_int4_on_both_pipes_equals_the_dequantized_model(graphs):
     """int4 copies converted on the device from the CPU's own int4 buffers (pinned), misses split between the link
     and the CPU, eagerly and in piecewise CUDA graphs: the tokens of the model whose experts are those copies."""
     check_both_pipes("cuda", 5e-3, graphs=graphs)
+
+
+def test_int4_conversion_kernels_write_the_torch_conversions_bytes():
+    from test_shared_int4 import check_kernel_conversion
+
+    assert check_kernel_conversion("cuda") > 0

@@ -67,18 +67,33 @@ class CpuInt4Source:
     def convert(self, src: torch.Tensor, out: torch.Tensor) -> None:
         """One expert's CPU-layout bytes `src` [expert_bytes] uint8 -> the device layout, into `out` [nbytes] uint8
         (both on the same device)."""
-        esize = torch.empty((), dtype=self.dtype).element_size()
-        d, i, g = self.layout.hidden, self.layout.inter, self.layout.group_size
-        pos = 0
-        for dst, (n, k) in zip(expert_views(out, self.layout), ((2 * i, d), (d, i))):
-            packed = src[pos:pos + n * k // 2].view(n, k // 2)  # [N, K/2] uint8, the CPU's row blocks
-            pos += n * k // 2
-            dst.packed.copy_(pack_codes(unpack_int4_codes(packed, n, k, self.block), 4, g))
-            nsz = k // g * n * 2 * esize
-            sz = src[pos:pos + nsz].view(self.dtype).view(k // g, n, 2).float()  # [K/G, N, (scale, zero)]
-            pos += nsz
-            dst.scale.copy_(sz[..., 0])
-            dst.minimum.copy_(sz[..., 1] - 8 * sz[..., 0])
+        convert_cpu_int4(src, out, self.layout, self.block, self.dtype)
+
+
+def convert_cpu_int4(src: torch.Tensor, out: torch.Tensor, layout: ExpertLayout, block: int, dtype: torch.dtype,
+                     kernels: bool | None = None) -> None:
+    """`src` [bytes] uint8: per matrix (gate/up [2I, D], then down [D, I]) the CPU's packed codes [N, K/2] (row
+    block `block`) and its (scale, zero) [K/G, N, 2] in `dtype` -> the packed expert `out` [layout.nbytes] uint8.
+    By Triton kernels on CUDA (`kernels`: force either way), else by torch operations."""
+    use_kernels = src.is_cuda if kernels is None else kernels
+    if use_kernels:
+        from expertyard.kernels.int4_convert_triton import convert_codes, convert_scales
+    d, i, g = layout.hidden, layout.inter, layout.group_size
+    pos = 0
+    for dst, (n, k) in zip(expert_views(out, layout), ((2 * i, d), (d, i))):
+        packed = src[pos:pos + n * k // 2].view(n, k // 2)  # [N, K/2] uint8, the CPU's row blocks
+        pos += n * k // 2
+        nsz = k // g * n * 2 * dtype.itemsize
+        sz = src[pos:pos + nsz].view(dtype).view(k // g, n, 2)  # [K/G, N, (scale, zero)]
+        pos += nsz
+        if use_kernels:
+            convert_codes(packed, dst.packed, n, k, g, block)
+            convert_scales(sz, dst.scale, dst.minimum)
+            continue
+        dst.packed.copy_(pack_codes(unpack_int4_codes(packed, n, k, block), 4, g))
+        sz = sz.float()
+        dst.scale.copy_(sz[..., 0])
+        dst.minimum.copy_(sz[..., 1] - 8 * sz[..., 0])
 
 
 class SharedInt4Pool(LowPrecisionPool):
