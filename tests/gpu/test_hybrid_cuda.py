@@ -36,9 +36,10 @@ def test_cuda_hybrid_equals_resident(arch, mode, graphs, tiny_checkpoint):
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "deepseek_v2_full"])
 @pytest.mark.parametrize("mode", ["auto", "on"])
-def test_cuda_hybrid_graph_prologue_at_batch_1(arch, mode, tiny_checkpoint):
+def test_cuda_hybrid_graph_prologue_at_batch_1(arch, mode, tiny_checkpoint, monkeypatch):
     """Batch 1 in piecewise graphs: routing, the CPU's input and the resident FFN run inside each graph piece
     (the backend's graph prologue); the host adds copies and CPU compute after it. Same tokens as resident."""
+    monkeypatch.setenv("EXPERTYARD_GRAPH_PROLOGUE", "1")
     path, _ = tiny_checkpoint(arch)
     ref_tokens, ref_logp = resident_tokens_and_logprobs(path, "cuda", torch.float32)
     top_k = load_model(path, "cpu", torch.float32, progress=False).config.moe.top_k
@@ -89,10 +90,13 @@ def test_cost_model_is_measured_on_this_machine(tiny_checkpoint):
     assert 0 < costs.cpu_s("full", 1) <= costs.cpu_s("full", 64)
 
 
-@pytest.mark.parametrize("graphs", [False, True])
-def test_cuda_int4_on_both_pipes_equals_the_dequantized_model(graphs):
+@pytest.mark.parametrize("graphs,fast", [(False, False), (True, False), (False, True), (True, True)])
+def test_cuda_int4_on_both_pipes_equals_the_dequantized_model(graphs, fast, monkeypatch):
     """int4 copies converted on the device from the CPU's own int4 buffers (pinned), misses split between the link
-    and the CPU, eagerly and in piecewise CUDA graphs: the tokens of the model whose experts are those copies."""
+    and the CPU, eagerly and in piecewise CUDA graphs: the tokens of the model whose experts are those copies.
+    `fast`: the conversion kernels and the graph prologue."""
+    monkeypatch.setenv("EXPERTYARD_GRAPH_PROLOGUE", "1" if fast else "0")
+    monkeypatch.setenv("EXPERTYARD_INT4_CONVERT_KERNELS", "1" if fast else "0")
     check_both_pipes("cuda", 5e-3, graphs=graphs)
 
 

@@ -34,8 +34,11 @@ def test_cuda_offloaded_equals_resident(arch, batch, tiny_checkpoint):
 
 @pytest.mark.parametrize("arch", ["mixtral_sliding", "qwen2_moe", "deepseek_v2_full"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_cuda_offloaded_piecewise_graph_decode_equals_resident(arch, batch, tiny_checkpoint):
-    """Decode in CUDA-graph pieces around the eager expert backend (dense layers and shared experts inside)."""
+@pytest.mark.parametrize("prologue", [False, True])
+def test_cuda_offloaded_piecewise_graph_decode_equals_resident(arch, batch, prologue, tiny_checkpoint, monkeypatch):
+    """Decode in CUDA-graph pieces around the eager expert backend (dense layers and shared experts inside), with
+    and without the backend's graph prologue (routing read-back and resident FFN inside the pieces)."""
+    monkeypatch.setenv("EXPERTYARD_GRAPH_PROLOGUE", "1" if prologue else "0")
     path, _ = tiny_checkpoint(arch)
     top_k = load_model(path, "cpu", torch.float32, progress=False).config.moe.top_k
     ref = resident_tokens_and_logprobs(path, "cuda", torch.float32)
@@ -45,7 +48,7 @@ def test_cuda_offloaded_piecewise_graph_decode_equals_resident(arch, batch, tiny
     assert engine.runner.graphs.entries, "no piecewise graph was captured"
     for (bb, _), (segments, _) in engine.runner.graphs.entries.items():  # the resident FFN runs in the piece
         for seg in segments[:-1]:  # when the bucket's pairs fit the cache, else eagerly
-            assert (seg.out["prologue"] is not None) == (bb * top_k <= 3 * top_k), (bb, seg.moe_layer)
+            assert (seg.out["prologue"] is not None) == (prologue and bb * top_k <= 3 * top_k), (bb, seg.moe_layer)
     assert [s.output_token_ids for s in seqs] == ref[0][:batch]
     torch.testing.assert_close(torch.tensor([[x["logprob"] for x in s.logprobs] for s in seqs]),
                                torch.tensor(ref[1][:batch]), atol=2e-4, rtol=1e-4)

@@ -21,6 +21,7 @@ timeline), `HybridExecutor` (CPU compute and the per-layer split); this class on
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 
@@ -38,6 +39,12 @@ from expertyard.experts.precision import LOW, PrecisionThresholds, pair_plan
 from expertyard.experts.predictors.base import NoPredictor, Predictor
 
 # T = tokens, K = experts per token, E = experts per layer, D = hidden
+
+
+def graph_prologue_on() -> bool:
+    """EXPERTYARD_GRAPH_PROLOGUE=1 captures each visit's routing read-back and resident FFN in the decode graph
+    pieces (`graph_prologue`); off by default until it has been measured on a GPU."""
+    return os.environ.get("EXPERTYARD_GRAPH_PROLOGUE", "0") == "1"
 
 
 class OffloadedExperts(ExpertBackend):
@@ -140,7 +147,7 @@ class OffloadedExperts(ExpertBackend):
         (with CPU compute) x and the gate weights packed for the host (`GraphStaging`), and the FFN over the
         resident pairs. The host then pays one graph launch and one copy for what took ~20 kernel launches per
         layer. None where the visit takes another path (mixed precision, more pairs than slots)."""
-        if not self.cuda or self.mixed is not None or topk_ids.numel() > self.state.capacity:
+        if not self.cuda or self.mixed is not None or topk_ids.numel() > self.state.capacity or not graph_prologue_on():
             return None
         parts = [(topk_ids, torch.int32)] + [(p, torch.int32) for _, p in preds]
         if self.hybrid is not None:

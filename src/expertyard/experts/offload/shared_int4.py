@@ -14,6 +14,8 @@ device cache holds about four times as many experts as full-precision slots in t
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from expertyard.config import ModelConfig
@@ -74,8 +76,11 @@ def convert_cpu_int4(src: torch.Tensor, out: torch.Tensor, layout: ExpertLayout,
                      kernels: bool | None = None) -> None:
     """`src` [bytes] uint8: per matrix (gate/up [2I, D], then down [D, I]) the CPU's packed codes [N, K/2] (row
     block `block`) and its (scale, zero) [K/G, N, 2] in `dtype` -> the packed expert `out` [layout.nbytes] uint8.
-    By Triton kernels on CUDA (`kernels`: force either way), else by torch operations."""
-    use_kernels = src.is_cuda if kernels is None else kernels
+    By Triton kernels on CUDA with EXPERTYARD_INT4_CONVERT_KERNELS=1 (`kernels`: force either way), else by torch
+    operations (the kernels are off by default until measured on a GPU)."""
+    if kernels is None:
+        kernels = src.is_cuda and os.environ.get("EXPERTYARD_INT4_CONVERT_KERNELS", "0") == "1"
+    use_kernels = kernels
     if use_kernels:
         from expertyard.kernels.int4_convert_triton import convert_codes, convert_scales
     d, i, g = layout.hidden, layout.inter, layout.group_size
