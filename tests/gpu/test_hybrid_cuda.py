@@ -97,6 +97,7 @@ def test_cuda_int4_on_both_pipes_equals_the_dequantized_model(graphs, fast, monk
     `fast`: the conversion kernels and the graph prologue."""
     monkeypatch.setenv("EXPERTYARD_GRAPH_PROLOGUE", "1" if fast else "0")
     monkeypatch.setenv("EXPERTYARD_INT4_CONVERT_KERNELS", "1" if fast else "0")
+    monkeypatch.setenv("EXPERTYARD_MOE_ALIGN_PAIRS", "1" if fast else "0")
     check_both_pipes("cuda", 5e-3, graphs=graphs)
 
 

@@ -10,5 +10,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("bad_ids", [False, True])
-def test_each_path_groups_as_the_naive_one(case, bad_ids):
+@pytest.mark.parametrize("pairs", [False, True])
+def test_each_path_groups_as_the_naive_one(case, bad_ids, pairs, monkeypatch):
+    monkeypatch.setenv("EXPERTYARD_MOE_ALIGN_PAIRS", "1" if pairs else "0")  # off: its cases take three kernels
     check_case("cuda", *case, bad_ids)

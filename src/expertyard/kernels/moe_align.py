@@ -6,7 +6,7 @@ min(P, E) experts are non-empty and each pads by < BLOCK_M rows, so the rows fit
 Blocks past the real end get expert id -1 (the GEMMs return at once).
 Decode-sized batches take one launch, which also zeroes the caller's output accumulator: _align_small_kernel
 when P x E is small, _align_pairs_kernel when P is small but E is large (an offloaded pool's thousands of slots
-at batch 1: it works in [P, P], each expert stood for by its first pair). Larger batches take three (plus a
+at batch 1: it works in [P, P], each expert stood for by its first pair; EXPERTYARD_MOE_ALIGN_PAIRS=1). Larger batches take three (plus a
 memset):
   1. _count_kernel   (grid over pairs): counts[e] += 1 with atomics; the returned old count is the pair's rank.
   2. _offsets_kernel (one program):     padded prefix sums -> seg_start[E], and per block its expert and rows.
@@ -20,6 +20,8 @@ are loop bounds and masks, so the hints bought nothing.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -130,6 +132,12 @@ def _scatter_kernel(ids_ptr, rank_ptr, seg_start_ptr, sorted_ids_ptr, num_pairs,
     tl.store(sorted_ids_ptr + dest, offs, mask=ok)
 
 
+def pairs_path_on() -> bool:
+    """EXPERTYARD_MOE_ALIGN_PAIRS=1 takes `_align_pairs_kernel` for few pairs over many experts (else the three
+    kernels); off by default until it has been run compiled on a GPU (it is checked under the interpreter)."""
+    return os.environ.get("EXPERTYARD_MOE_ALIGN_PAIRS", "0") == "1"
+
+
 def max_blocks(num_pairs: int, num_experts: int, block_m: int) -> int:
     """Static upper bound on the number of BLOCK_M-row blocks after padding."""
     rows = min(num_pairs * block_m, num_pairs + min(num_pairs, num_experts) * (block_m - 1))
@@ -158,7 +166,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, zero: torc
                                   num_pairs, num_experts, n_blocks, zero_numel, BLOCK_M=block_m, BLOCK_P=block_p,
                                   BLOCK_E=block_e, BLOCK_B=block_b, BLOCK_Z=1024, num_warps=8)
         return sorted_ids, expert_ids, block_rows
-    if block_p * block_p <= _SMALL_ONEHOT and zero_numel <= _SMALL_ZERO:
+    if block_p * block_p <= _SMALL_ONEHOT and zero_numel <= _SMALL_ZERO and pairs_path_on():
         _align_pairs_kernel[(1,)](ids, sorted_ids, expert_ids, block_rows, zero if zero is not None else sorted_ids,
                                   num_pairs, num_experts, n_blocks, zero_numel, BLOCK_M=block_m, BLOCK_P=block_p,
                                   BLOCK_B=max(16, 8192 // block_p), BLOCK_Z=1024, num_warps=8)
