@@ -160,6 +160,13 @@ class Checked:
         self.chosen = self.inner.victim(candidates, now)
         return self.chosen
 
+    def victim_among_resident(self, resident, excluded, keep_layers, now):
+        """The policy's own index (when it has one) must choose what `victim` over the candidate list would."""
+        candidates = [k for k in resident if k not in excluded and k[0] not in keep_layers]
+        self.chosen = self.inner.victim_among_resident(resident, excluded, keep_layers, now)
+        assert self.chosen == (self.inner.victim(candidates, now) if candidates else None)
+        return self.chosen
+
     def on_evict(self, key):
         assert key == self.chosen and key not in self.state_ref[0].protected
         self.inner.on_evict(key)

@@ -56,10 +56,9 @@ class ExpertCacheState:
         if self._free:
             slot = self._free.pop()
         else:
-            candidates = [k for k in self.resident if k not in self.protected and k[0] not in keep_layers]
-            if not candidates:
+            evicted = self.policy.victim_among_resident(self.resident, self.protected, keep_layers, now)
+            if evicted is None:
                 return None  # everything resident is in use: no room (caller decides)
-            evicted = self.policy.victim(candidates, now)
             slot = self.resident.pop(evicted)
             self.policy.on_evict(evicted)
             if evicted in self._prefetched_unused:

@@ -55,3 +55,11 @@ class CachePolicy(ABC):
     @abstractmethod
     def victim(self, candidates: Iterable[ExpertKey], now: int) -> ExpertKey:
         """The resident expert to evict, among `candidates` (resident and not protected; never empty)."""
+
+    def victim_among_resident(self, resident: Iterable[ExpertKey], excluded: set[ExpertKey],
+                              keep_layers: frozenset[int], now: int) -> ExpertKey | None:
+        """`victim` among the `resident` keys that are not `excluded` and not of a layer in `keep_layers`; None
+        when none may go. Policies that keep their own index of the resident keys override it to skip building
+        the candidate list (a cache of hundreds of experts evicts on most misses); the choice must be `victim`'s."""
+        candidates = [k for k in resident if k not in excluded and k[0] not in keep_layers]
+        return self.victim(candidates, now) if candidates else None

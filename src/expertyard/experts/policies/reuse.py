@@ -118,7 +118,24 @@ class ReusePolicy(CachePolicy):
         """The largest `estimate`, then the oldest last touch, then the smallest key: scored as arrays over the
         candidates (a cache of hundreds of experts evicts on most misses), with `estimate`'s float64 arithmetic."""
         t = self.touched
-        rows = np.fromiter((t.row[k] for k in candidates), dtype=np.int64)
+        return self._victim_of_rows(np.fromiter((t.row[k] for k in candidates), dtype=np.int64))
+
+    def victim_among_resident(self, resident, excluded, keep_layers, now):
+        """`victim` over the touch table's live rows less the excluded ones: no candidate list (the table holds
+        exactly the resident keys: loads insert, evictions remove, only residents are accessed)."""
+        t = self.touched
+        if type(self).victim is not ReusePolicy.victim or len(t.row) != len(resident):
+            return super().victim_among_resident(resident, excluded, keep_layers, now)
+        live = t.live.copy()  # [R] bool
+        live[[t.row[k] for k in excluded if k in t.row]] = False
+        if keep_layers:
+            live &= ~np.isin(t.layer, list(keep_layers))
+        rows = np.flatnonzero(live)
+        return self._victim_of_rows(rows) if rows.size else None
+
+    def _victim_of_rows(self, rows: np.ndarray) -> ExpertKey:
+        """The victim among the touch table's `rows` [C] (see `victim`)."""
+        t = self.touched
         n, cur = len(self.layers), self.pos.get(self.layer, -1)
         p = self.layer_pos[t.layer[rows]]  # [C] position of each candidate's layer
         d = (p - cur - 1) % n
@@ -146,6 +163,7 @@ class _TouchTable:
         self.row: dict[ExpertKey, int] = {}
         self.free: list[int] = []
         self.layer, self.expert, self.sweep, self.now = (np.zeros(capacity, dtype=np.int64) for _ in range(4))
+        self.live = np.zeros(capacity, dtype=bool)  # rows that hold a key
 
     def set(self, key: ExpertKey, sweep: int, now: int) -> None:
         r = self.row.get(key)
@@ -153,16 +171,18 @@ class _TouchTable:
             r = self.free.pop() if self.free else self._grow()
             self.row[key] = r
             self.layer[r], self.expert[r] = key
+            self.live[r] = True
         self.sweep[r], self.now[r] = sweep, now
 
     def remove(self, key: ExpertKey) -> None:
         r = self.row.pop(key, None)
         if r is not None:
             self.free.append(r)
+            self.live[r] = False
 
     def _grow(self) -> int:
         n = len(self.row) + len(self.free)
         if n == len(self.layer):
-            self.layer, self.expert, self.sweep, self.now = (np.concatenate([a, np.zeros_like(a)]) for a in
-                                                             (self.layer, self.expert, self.sweep, self.now))
+            self.layer, self.expert, self.sweep, self.now, self.live = (
+                np.concatenate([a, np.zeros_like(a)]) for a in (self.layer, self.expert, self.sweep, self.now, self.live))
         return n
