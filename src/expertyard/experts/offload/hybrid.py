@@ -89,7 +89,6 @@ class HybridExecutor:
             n = max(t, 64)
             self._x = torch.empty(n, x.shape[1], dtype=x.dtype, pin_memory=True)
             self._w = torch.empty(n, topk_w.shape[1], dtype=torch.float32, pin_memory=True)
-            self._y = torch.empty(n, x.shape[1], dtype=self.dtype, pin_memory=True)
         self._x[:t].copy_(x, non_blocking=True)
         self._w[:t].copy_(topk_w, non_blocking=True)
         return self._x[:t], self._w[:t]
@@ -132,13 +131,22 @@ class HybridExecutor:
             items.append(((layer, e), self.precision, tok, w_host[tok, k]))
         y = self.compute_engine.run(x_host, items)  # [T, D] float32
         if self.cuda:
-            out = self._y[:y.shape[0]]
+            out = self._host_output(y.shape)
             out.copy_(y)
             y = out.to(self.device, non_blocking=True)
         else:
             y = y.to(self.dtype)
         self._learn(sum(self.costs.cpu_s(self.precision, len(item[2])) for item in items), time.perf_counter() - t0)
         return y
+
+    def _host_output(self, shape: torch.Size) -> torch.Tensor:
+        """A pinned [T, D] buffer for the CPU's share on its way to the device. Its own buffer, not one of
+        `stage_input`'s: a graph prologue stages the input in its own buffers and never calls `stage_input`.
+        Reused across layers: the next layer writes it only after its routing event, which follows this copy on
+        the device's stream."""
+        if self._y is None or self._y.shape[0] < shape[0] or self._y.shape[1] != shape[1]:
+            self._y = torch.empty(max(shape[0], 64), shape[1], dtype=self.dtype, pin_memory=True)
+        return self._y[:shape[0]]
 
     def routing_read(self, layer: int, wait_started: float, wait_ended: float) -> None:
         """The backend read `layer`'s routing between these host-clock times: the host thread's own time since
