@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
 import time
 
 from expertyard.engine.collector import freeze_long_lived
@@ -38,9 +40,6 @@ def test_generate_freezes_after_start_up(capsys):
 
 def test_frozen_cycles_are_freed_at_exit():
     """Shutdown frees what start-up froze (the cycle's finalizer runs), as it would have without the freeze."""
-    import subprocess
-    import sys
-
     code = ("from expertyard.engine.collector import freeze_long_lived\n"
             "class Node:\n"
             "    def __del__(self): print('freed', flush=True)\n"
